@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+from tests import builders  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory):
+  """A complete tiny SD1-style diffusers checkpoint folder (random weights, real tokenizer)."""
+  return builders.build_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny_sd1"), "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+  """A complete tiny SD2-style folder: linear projection, per-block heads, v-prediction."""
+  return builders.build_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny_sd2"), "sd2", seed=1)
