@@ -34,7 +34,7 @@ def _bytes_to_unicode() -> dict[int, str]:
       bs.append(b)
       cs.append(256 + n)
       n += 1
-  return dict(zip(bs, map(chr, cs)))
+  return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def bpe_vocab_and_merges(bpe_gz_path: str | os.PathLike | None = None) -> tuple[dict[str, int], list[str]]:
