@@ -12,21 +12,7 @@ import os
 import torch
 
 from lusd_jax import tokenizer as tok
-
-# SD1.x shape: 4 blocks like SD1.5 (attention at 1, 1/2, 1/4 of the latent; plain last block),
-# `attention_head_dim` as a single int meaning the number of heads (diffusers' legacy naming).
-TINY_SD1_UNET = dict(
-  sample_size=16,
-  in_channels=4,
-  out_channels=4,
-  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-  block_out_channels=(32, 32, 64, 64),
-  layers_per_block=1,
-  norm_num_groups=8,
-  cross_attention_dim=32,
-  attention_head_dim=4,
-)
+from lusd_jax.tiny import SD1_SCHEDULER, TINY_SD1_TEXT, TINY_SD1_UNET, TINY_VAE  # noqa: E402
 
 # SD2.x shape: linear projections, per-block head counts, upcast attention, v-prediction schedule.
 TINY_SD2_UNET = dict(
@@ -51,43 +37,8 @@ SD15_UNET = dict(
   attention_head_dim=8,
 )
 
-# Four blocks: the latent is 1/8 of the image, as in every SD VAE.
-TINY_VAE = dict(
-  in_channels=3,
-  out_channels=3,
-  down_block_types=("DownEncoderBlock2D",) * 4,
-  up_block_types=("UpDecoderBlock2D",) * 4,
-  block_out_channels=(16, 32, 32, 32),
-  layers_per_block=1,
-  latent_channels=4,
-  norm_num_groups=8,
-  sample_size=64,
-)
-
-TINY_SD1_TEXT = dict(
-  vocab_size=49408,
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  max_position_embeddings=77,
-  hidden_act="quick_gelu",
-  bos_token_id=49406,
-  eos_token_id=49407,
-  pad_token_id=1,
-)
 TINY_SD2_TEXT = dict(
   TINY_SD1_TEXT, hidden_size=48, intermediate_size=96, num_attention_heads=6, hidden_act="gelu"
-)
-
-SD1_SCHEDULER = dict(
-  num_train_timesteps=1000,
-  beta_start=0.00085,
-  beta_end=0.012,
-  beta_schedule="scaled_linear",
-  steps_offset=1,
-  skip_prk_steps=True,
-  set_alpha_to_one=False,
 )
 
 

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: diffusers folders / single-file SD checkpoints -> lusd-jax's format."""

@@ -1,0 +1,98 @@
+"""Converts a Stable Diffusion checkpoint into lusd-jax's fast-loading format, and verifies it.
+
+    python -m convert.convert_checkpoint SRC OUT [--dtype bfloat16]
+
+SRC is a local diffusers folder, a Hugging Face repo id, or (with torch and diffusers installed) a
+single-file SD `.ckpt` / `.safetensors`, read with diffusers' `from_single_file` (pass
+`--single-file-config` with a diffusers folder or repo id of the same architecture when offline).
+OUT gets `lusd_jax.json` (configs), `unet.safetensors`, `vae.safetensors`,
+`text_encoder.safetensors` (Flax param trees, '/'-joined paths) and `tokenizer/`. After writing,
+the output is loaded back and every parameter compared with the converted one (round trip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from lusd_jax import loading
+
+
+def _single_file_to_diffusers(path: str, out_dir: str, config: str | None) -> str:
+  try:
+    from diffusers import StableDiffusionPipeline
+  except ImportError:
+    raise loading.ModelLoadError(
+      f"{path}: converting a single-file checkpoint needs torch and diffusers (pip install 'lusd-jax[test]')."
+    ) from None
+  kwargs = {"config": config} if config else {}
+  try:
+    pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None, **kwargs)
+  except Exception as e:  # noqa: BLE001 - diffusers raises many kinds; report one line
+    raise loading.ModelLoadError(
+      f"{path}: diffusers could not read it as a Stable Diffusion checkpoint: {e}"
+    ) from None
+  pipe.save_pretrained(out_dir, safe_serialization=True)
+  return out_dir
+
+
+def verify_round_trip(model: loading.SDModel, folder: str) -> int:
+  """Loads `folder` back and checks every parameter equals `model`'s. Returns the number checked."""
+  back = loading.load_converted(folder, model.dtype)
+  if back.configs != model.configs:
+    raise AssertionError(f"{folder}: configs differ after the round trip")
+  n = 0
+  for name in ("unet", "vae", "text_encoder"):
+    a = traverse_util.flatten_dict(getattr(model.params, name), sep="/")
+    b = traverse_util.flatten_dict(getattr(back.params, name), sep="/")
+    if set(a) != set(b):
+      raise AssertionError(f"{folder}/{name}: parameter names differ after the round trip")
+    for k in a:
+      if not np.array_equal(np.asarray(a[k]), np.asarray(b[k])):
+        raise AssertionError(f"{folder}/{name}: parameter {k} differs after the round trip")
+      n += 1
+  return n
+
+
+def convert(
+  src: str, out: str, dtype: str = "float32", single_file_config: str | None = None
+) -> loading.SDModel:
+  """Converts `src` into `out` and verifies the round trip. Returns the loaded model."""
+  with tempfile.TemporaryDirectory() as tmp:
+    if os.path.isfile(src):
+      src = _single_file_to_diffusers(src, tmp, single_file_config)
+    model = loading.load_model(src, dtype=dtype)
+    loading.save_converted(model, out)
+  verify_round_trip(model, out)
+  return model
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+    prog="python -m convert.convert_checkpoint", description=__doc__.split("\n\n")[0]
+  )
+  p.add_argument("src", help="diffusers folder, hub id, or single-file .ckpt/.safetensors")
+  p.add_argument("out", help="output folder")
+  p.add_argument("--dtype", default="float32", choices=sorted(loading.DTYPES))
+  p.add_argument(
+    "--single-file-config", default=None, help="diffusers folder / repo id giving the architecture"
+  )
+  args = p.parse_args(argv)
+  try:
+    model = convert(args.src, args.out, args.dtype, args.single_file_config)
+  except (loading.ModelLoadError, AssertionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n = sum(x.size for x in jax.tree.leaves(model.params))
+  print(f"converted {args.src} -> {args.out} ({n / 1e6:.1f}M parameters, {model.dtype}); round trip verified")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
