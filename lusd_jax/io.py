@@ -1,0 +1,554 @@
+"""Image files in and out, and the batch-input folder format of the official LUSD code.
+
+Everything a user can get wrong here (a missing or corrupt image, a bad `--size`, an
+`index.csv` without a needed column) raises `InputError` with one line that names the file or
+argument; the CLI prints that line and exits with status 2.
+
+Preprocessing follows the official code (`colocation/pipeline_utils.py: load_image`): convert
+to 8-bit RGB, center-crop the longer side to a square (offset `(long - short) // 2`), then
+`PIL.Image.resize` with its default filter, which is BICUBIC for RGB images since Pillow 7.
+On top of that we apply the EXIF orientation and convert the modes the official code would
+get wrong (alpha, 16-bit and float grayscale) instead of clipping or blackening them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# SD's VAE downsamples by 8 and the U-Net by another 8, so pixel sizes must be multiples of 64.
+SIZE_MULTIPLE = 64
+
+INDEX_FILE = "index.csv"
+IMAGES_DIR = "images"
+REQUIRED_COLUMNS = ("img_path", "source_prompt", "target_prompt")
+OPTIONAL_COLUMNS = ("edit_words",)
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class InputError(ValueError):
+  """A problem with the user's input, as one line naming the file or argument at fault.
+
+  The CLI prints `str(err)` and exits with status 2; no traceback is shown.
+  """
+
+  def __init__(self, message: str):
+    # Decoder messages can span lines; the CLI contract is one line.
+    super().__init__(" ".join(str(message).splitlines()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Size and geometry
+
+
+def validate_size(size: Any) -> int:
+  """Checks the working resolution.
+
+  Args:
+    size: side length in pixels of the square image that is edited.
+
+  Returns:
+    `size` as a Python int.
+
+  Raises:
+    InputError: unless `size` is a positive integer multiple of 64 (bools and floats are rejected
+      so that `--size 512.5` or `True` never slip through).
+  """
+  if isinstance(size, bool) or not isinstance(size, int | np.integer):
+    raise InputError(f"--size must be a positive multiple of {SIZE_MULTIPLE}, got {size!r}")
+  size = int(size)
+  if size <= 0 or size % SIZE_MULTIPLE:
+    raise InputError(f"--size must be a positive multiple of {SIZE_MULTIPLE}, got {size}")
+  return size
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+  """The largest centered square, as the official code crops it.
+
+  Args:
+    width: image width in pixels.
+    height: image height in pixels.
+
+  Returns:
+    `(left, top, right, bottom)` for `PIL.Image.crop`; the offset along the longer side is
+    `(long - short) // 2`, so an odd excess leaves the extra pixel on the right / bottom.
+  """
+  side = min(width, height)
+  left = (width - side) // 2
+  top = (height - side) // 2
+  return left, top, left + side, top + side
+
+
+def _crop_resize_rgb8(im: Image.Image, size: int) -> np.ndarray:
+  """Center-crops an 8-bit RGB PIL image and resizes it; returns float32 [size, size, 3] in [0, 1]."""
+  im = im.crop(center_crop_box(*im.size))
+  if im.size != (size, size):
+    # BICUBIC is PIL's default for RGB, which is what the official code gets from `.resize(size)`.
+    im = im.resize((size, size), Image.Resampling.BICUBIC)
+  return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def _crop_resize_float(x_hwc: np.ndarray, size: int) -> np.ndarray:
+  """Center-crops and bicubic-resizes a float [H, W, 3] image without quantizing to 8 bits."""
+  left, top, right, bottom = center_crop_box(x_hwc.shape[1], x_hwc.shape[0])
+  x_hwc = x_hwc[top:bottom, left:right]
+  if x_hwc.shape[:2] == (size, size):
+    return np.ascontiguousarray(x_hwc, dtype=np.float32)
+  channels = [
+    np.asarray(
+      Image.fromarray(x_hwc[..., c].astype(np.float32), mode="F").resize(
+        (size, size), Image.Resampling.BICUBIC
+      )
+    )
+    for c in range(x_hwc.shape[-1])
+  ]
+  # Bicubic overshoots at sharp edges; clip back into the valid range.
+  return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode conversion
+
+
+def _gray_to_unit(values: np.ndarray, mode: str) -> np.ndarray:
+  """Scales single-channel high-bit-depth pixels to float [0, 1].
+
+  PIL's own `convert("L")` clips 16-bit values at 255, turning almost any 16-bit photo white,
+  so the range is mapped explicitly:
+  - `I;16*` (16-bit PNG/TIFF): divide by 65535.
+  - `I` (32-bit int; also how some Pillow versions open 16-bit PNGs): treated as 16-bit when
+    the values fit in [0, 65535], otherwise min-max normalized.
+  - `F` (float TIFF): used as is when in [0, 1], divided by 255 when in [0, 255], otherwise
+    min-max normalized. NaNs become 0.
+  """
+  v = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+  if mode in _INT16_MODES:
+    scaled = v / 65535.0
+  elif mode == "I" and lo >= 0 and hi <= 65535:
+    scaled = v / 65535.0
+  elif mode == "F" and lo >= 0 and hi <= 1.0:
+    scaled = v
+  elif mode == "F" and lo >= 0 and hi <= 255.0:
+    scaled = v / 255.0
+  else:
+    scaled = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+  return np.clip(scaled, 0.0, 1.0)
+
+
+def _composite_on_white(rgba: Image.Image) -> Image.Image:
+  """Flattens an RGBA image onto white: transparent regions read as white paper, not black."""
+  white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+  return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+  """Converts a PIL image of any mode to 8-bit RGB.
+
+  Args:
+    im: a loaded PIL image: RGB, RGBA/LA/PA (composited on white), L/1, P (palette, with or
+      without transparency), CMYK, YCbCr, LAB, HSV, I;16 / I (16-bit), or F (float).
+
+  Returns:
+    An RGB PIL image of the same size.
+
+  Raises:
+    InputError: for a mode PIL cannot convert to RGB.
+  """
+  if im.mode == "RGB":
+    return im
+  if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+    return _composite_on_white(im.convert("RGBA"))
+  if im.mode in _INT16_MODES or im.mode in ("I", "F"):
+    gray = _gray_to_unit(np.asarray(im), im.mode)
+    return Image.fromarray(np.round(gray * 255.0).astype(np.uint8), mode="L").convert("RGB")
+  try:
+    return im.convert("RGB")
+  except (ValueError, OSError) as e:
+    raise InputError(f"unsupported image mode {im.mode!r}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _open_rgb8(path: Path) -> Image.Image:
+  """Opens, fully decodes, orients and converts an image file; errors name the path."""
+  if not path.exists():
+    raise InputError(f"image not found: {path}")
+  if path.is_dir():
+    raise InputError(f"expected an image file, got a directory: {path}")
+  if path.stat().st_size == 0:
+    raise InputError(f"cannot read image {path}: empty file (0 bytes)")
+  try:
+    with Image.open(path) as im:
+      # `load()` decodes now, so a truncated file fails here and not halfway through the run.
+      im.load()
+      im = ImageOps.exif_transpose(im)
+      if im.width == 0 or im.height == 0:
+        raise InputError(f"image has zero size ({im.width}x{im.height}): {path}")
+      return to_rgb8(im)
+  except InputError:
+    raise
+  except UnidentifiedImageError as e:
+    raise InputError(f"cannot read image {path}: not a recognized image format") from e
+  except Image.DecompressionBombError as e:
+    raise InputError(f"cannot read image {path}: too many pixels ({e})") from e
+  except PermissionError as e:
+    raise InputError(f"cannot read image {path}: permission denied") from e
+  except (OSError, SyntaxError, ValueError, EOFError) as e:
+    # PIL reports corrupt / truncated data as OSError ("image file is truncated"),
+    # SyntaxError (broken PNG chunks) or ValueError depending on the codec.
+    raise InputError(f"cannot read image {path}: corrupt or truncated file ({e})") from e
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+  """Loads an image file as the square RGB input of an edit.
+
+  EXIF orientation is applied, any mode is converted to RGB (see `to_rgb8`), the image is
+  center-cropped to a square and resized to `size` with bicubic filtering, as the official code.
+
+  Args:
+    path: image file (any format PIL reads: PNG, JPEG, WebP, TIFF, BMP, GIF...).
+    size: output side length, a positive multiple of 64.
+
+  Returns:
+    float32 array [size, size, 3] in [0, 1].
+
+  Raises:
+    InputError: bad size; missing path, directory, unreadable, corrupt, truncated or zero-size
+      image. The message names the path.
+
+  Example:
+    >>> x = load_image("photos/cat.jpg", 512)  # doctest: +SKIP
+  """
+  size = validate_size(size)
+  return _crop_resize_rgb8(_open_rgb8(Path(path)), size)
+
+
+def _array_to_unit_hwc(x: np.ndarray) -> np.ndarray:
+  """Checks and converts an HW / HWC array (uint8, uint16, bool or float in [0, 1]) to float RGB."""
+  if x.ndim == 3 and x.shape[0] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
+    raise InputError(f"image array has shape {x.shape}, which looks channels-first; expected [H, W, C]")
+  if x.ndim == 2:
+    x = x[..., None]
+  if x.ndim != 3 or x.shape[-1] not in (1, 2, 3, 4):
+    raise InputError(f"image array must be [H, W], [H, W, 1|2|3|4]; got shape {x.shape}")
+  if x.shape[0] == 0 or x.shape[1] == 0:
+    raise InputError(f"image array has zero size: shape {x.shape}")
+  if x.dtype == np.bool_:
+    x = x.astype(np.float32)
+  elif x.dtype == np.uint8:
+    x = x.astype(np.float32) / 255.0
+  elif x.dtype == np.uint16:
+    x = x.astype(np.float32) / 65535.0
+  elif np.issubdtype(x.dtype, np.floating):
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+      raise InputError("image array contains NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    # A small tolerance for round-off; [-1, 1] or [0, 255] inputs are mistakes worth reporting.
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+      raise InputError(f"float image values must be in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+    x = np.clip(x, 0.0, 1.0)
+  else:
+    raise InputError(f"unsupported image array dtype {x.dtype}; use uint8, uint16 or float in [0, 1]")
+  channels = x.shape[-1]
+  if channels in (2, 4):
+    # Last channel is alpha: composite on white as for files.
+    color, alpha = x[..., :-1], x[..., -1:]
+    x = color * alpha + (1.0 - alpha)
+  if x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
+  return x
+
+
+def image_from_array(x: Any, size: int | None = None) -> np.ndarray:
+  """Accepts an in-memory image for the Python API.
+
+  Args:
+    x: a PIL image (any mode; EXIF orientation applied), or an array-like (NumPy, JAX) of shape
+      [H, W], [H, W, 1|2|3|4] with dtype uint8, uint16, bool or float in [0, 1]. A trailing
+      2nd / 4th channel is alpha and is composited on white.
+    size: if given, center-crop and resize to [size, size] as `load_image` does; otherwise the
+      resolution is kept.
+
+  Returns:
+    float32 array [H, W, 3] (or [size, size, 3]) in [0, 1].
+
+  Raises:
+    InputError: unsupported shape or dtype, float values outside [0, 1], NaNs, zero size, bad size.
+  """
+  if size is not None:
+    size = validate_size(size)
+  if isinstance(x, Image.Image):
+    if x.width == 0 or x.height == 0:
+      raise InputError(f"image has zero size ({x.width}x{x.height})")
+    try:
+      rgb = to_rgb8(ImageOps.exif_transpose(x))
+    except (OSError, SyntaxError, ValueError) as e:
+      if isinstance(e, InputError):
+        raise
+      raise InputError(f"cannot decode PIL image: {e}") from e
+    if size is not None:
+      return _crop_resize_rgb8(rgb, size)
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+  arr = np.asarray(x)
+  if arr.dtype == np.uint8 and size is not None and arr.ndim == 3 and arr.shape[-1] == 3:
+    # Same quantized path as files, so an array and its PNG give identical inputs.
+    return _crop_resize_rgb8(Image.fromarray(arr), size)
+  rgb = _array_to_unit_hwc(arr)
+  return rgb if size is None else _crop_resize_float(rgb, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def to_uint8(x: Any) -> np.ndarray:
+  """Float [0, 1] image to uint8, rounding to nearest (uint8 input is returned unchanged).
+
+  Args:
+    x: array-like of any shape; values are clipped to [0, 1] and NaNs become 0.
+
+  Returns:
+    uint8 array of the same shape.
+  """
+  x = np.asarray(x)
+  if x.dtype == np.uint8:
+    return x
+  x = np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+  # Round, not truncate: truncation (the official `astype(uint8)`) darkens by half a level.
+  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool) -> Path:
+  """Writes through a temp file in the same folder, then renames it over `path`.
+
+  `os.replace` is atomic on POSIX and Windows, so a killed run leaves either the old file or
+  the new one, never a half-written file that a resumed batch would take as finished. Temp
+  files are named `.{name}.*.tmp` and are removed if writing fails.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  return path
+
+
+def save_png(path: str | os.PathLike, x: Any) -> Path:
+  """Saves an image as PNG atomically.
+
+  Args:
+    path: destination; parent folders are created.
+    x: [H, W, 3] or [H, W] image, float in [0, 1] or uint8 (NumPy or JAX).
+
+  Returns:
+    The path written.
+  """
+  im = Image.fromarray(to_uint8(x))
+  return _atomic_write(path, lambda f: im.save(f, format="PNG"), binary=True)
+
+
+def _json_default(obj: Any) -> Any:
+  """Makes NumPy / JAX values, paths and dataclasses JSON-serializable."""
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, os.PathLike):
+    return os.fspath(obj)
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    return dataclasses.asdict(obj)
+  if isinstance(obj, set | frozenset):
+    return sorted(obj)
+  if hasattr(obj, "__array__"):
+    return np.asarray(obj).tolist()
+  raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+  """Writes `obj` as indented UTF-8 JSON atomically (see `save_png`).
+
+  Args:
+    path: destination; parent folders are created.
+    obj: JSON data; NumPy/JAX arrays and scalars, paths, sets and dataclasses are converted.
+
+  Returns:
+    The path written.
+  """
+  text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+  return _atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch input: <input_dir>/images/*, <input_dir>/index.csv
+
+
+class BatchRow(NamedTuple):
+  """One edit request of a batch.
+
+  `row` numbers data rows from 0 in file order (blank lines skipped, as pandas does in the
+  official code), and names the outputs. `problem` is set when the row itself is unusable
+  (empty image path or target prompt, a wrong number of fields); the batch runner reports such
+  rows as failed and goes on.
+  """
+
+  row: int  # 0-based data-row index, used in output names
+  line: int  # line in index.csv where the row ends, for messages
+  img_path: Path  # resolved against input_dir/images/, then input_dir
+  source_prompt: str  # may be empty (the official samples have one)
+  target_prompt: str
+  edit_words: str | None  # optional column; None when absent or empty
+  problem: str | None = None
+
+
+def _resolve_image_path(input_dir: Path, name: str) -> Path:
+  """`images/<name>` as the official layout, else `<name>` beside index.csv, else absolute."""
+  p = Path(name).expanduser()
+  if p.is_absolute():
+    return p
+  in_images = input_dir / IMAGES_DIR / p
+  if in_images.exists():
+    return in_images
+  beside = input_dir / p
+  if beside.exists():
+    return beside
+  # Neither exists: report the official location in the eventual "image not found" error.
+  return in_images
+
+
+def _row_problem(fields: dict, extra: list | None, csv_path: Path, line: int) -> str | None:
+  """Describes what makes one CSV row unusable, or None."""
+  if extra:
+    return f"{csv_path} line {line}: more fields than columns (quote prompts that contain commas)"
+  if not fields["img_path"]:
+    return f"{csv_path} line {line}: empty img_path"
+  if not fields["target_prompt"]:
+    return f"{csv_path} line {line}: empty target_prompt"
+  return None
+
+
+def read_index(input_dir: str | os.PathLike) -> list[BatchRow]:
+  """Reads a batch folder in the official LUSD format.
+
+  `index.csv` has a header with `img_path,source_prompt,target_prompt` and optionally
+  `edit_words`, in any order; extra columns are ignored. It is read with the `csv` module as
+  UTF-8 with or without a BOM (as Excel writes it). Values are stripped of surrounding spaces.
+
+  Args:
+    input_dir: folder holding `index.csv` and usually `images/`.
+
+  Returns:
+    One `BatchRow` per data row, in file order, including unusable rows (with `problem` set).
+
+  Raises:
+    InputError: `input_dir` or `index.csv` missing, file not UTF-8, no header, a required
+      column missing, or no data rows. The message names index.csv.
+  """
+  input_dir = Path(input_dir)
+  if not input_dir.is_dir():
+    raise InputError(f"--input-dir is not a directory: {input_dir}")
+  csv_path = input_dir / INDEX_FILE
+  if not csv_path.is_file():
+    raise InputError(f"{INDEX_FILE} not found in {input_dir} (expected {csv_path})")
+  try:
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+      rows = _parse_index(csv.DictReader(f), input_dir, csv_path)
+  except UnicodeDecodeError as e:
+    raise InputError(f"{csv_path} is not valid UTF-8 text (byte {e.start})") from e
+  except csv.Error as e:
+    raise InputError(f"{csv_path}: malformed CSV ({e})") from e
+  if not rows:
+    raise InputError(f"{csv_path} has a header but no rows")
+  return rows
+
+
+def _parse_index(reader: csv.DictReader, input_dir: Path, csv_path: Path) -> list[BatchRow]:
+  """Checks the header and turns CSV records into `BatchRow`s."""
+  if not reader.fieldnames:
+    raise InputError(f"{csv_path} is empty; expected a header line {','.join(REQUIRED_COLUMNS)}")
+  # Tolerate "img_path, source_prompt" style headers.
+  reader.fieldnames = [(name or "").strip() for name in reader.fieldnames]
+  for column in REQUIRED_COLUMNS:
+    if column not in reader.fieldnames:
+      raise InputError(
+        f"{csv_path}: missing column '{column}' (header must include {','.join(REQUIRED_COLUMNS)})"
+      )
+  has_words = "edit_words" in reader.fieldnames
+  rows = []
+  for i, record in enumerate(reader):
+    # Short rows give None for the missing fields; extra fields land under the key None.
+    fields = {c: (record.get(c) or "").strip() for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}
+    words = fields["edit_words"] if has_words else ""
+    rows.append(
+      BatchRow(
+        row=i,
+        line=reader.line_num,
+        img_path=_resolve_image_path(input_dir, fields["img_path"]),
+        source_prompt=fields["source_prompt"],
+        target_prompt=fields["target_prompt"],
+        edit_words=words or None,
+        problem=_row_problem(fields, record.get(None), csv_path, reader.line_num),
+      )
+    )
+  return rows
+
+
+def output_name(row: int, seed: int) -> str:
+  """File name of one edited image, as the official code: `{row:03d}_seed{seed}.png`."""
+  return f"{row:03d}_seed{seed}.png"
+
+
+def is_done(path: str | os.PathLike) -> bool:
+  """Whether an output file is finished: it exists and is non-empty (writes are atomic)."""
+  p = Path(path)
+  return p.is_file() and p.stat().st_size > 0
+
+
+def pending_seeds(out_dir: str | os.PathLike, row: int, seeds: Iterable[int]) -> list[int]:
+  """The seeds of `row` whose output image is not written yet, for resuming a batch.
+
+  Args:
+    out_dir: batch output folder (may not exist yet).
+    row: data-row index.
+    seeds: the seeds the run asks for.
+
+  Returns:
+    Seeds without a finished `output_name(row, seed)` in `out_dir`, in the given order.
+  """
+  out_dir = Path(out_dir)
+  return [s for s in seeds if not is_done(out_dir / output_name(row, s))]
+
+
+def summarize_failures(failures: Sequence[tuple[int, str]]) -> str:
+  """The end-of-batch summary lines for failed rows.
+
+  Args:
+    failures: `(row, one-line reason)` pairs.
+
+  Returns:
+    "all rows succeeded" or a header line followed by one `  row NNN: reason` line per failure.
+  """
+  if not failures:
+    return "all rows succeeded"
+  lines = [f"{len(failures)} row(s) failed:"]
+  lines += [f"  row {row:03d}: {reason}" for row, reason in failures]
+  return "\n".join(lines)
