@@ -1,0 +1,509 @@
+"""OpenAI CLIP (transformers `CLIPModel`) in Flax: ViT image tower, text tower, projections.
+
+The evaluation metrics (LUSD Sec. 4.2, MagicBrush conventions) need CLIP ViT-B/32 image and text
+embeddings. transformers 5 ships no Flax CLIP, so this file holds one:
+
+- image tower: patch conv (no bias) + class token + learned positions -> `pre_layrnorm` ->
+  `num_hidden_layers` pre-LN layers (bidirectional attention) -> `post_layernorm` of the class
+  token -> `visual_projection` (no bias);
+- text tower: the Stable Diffusion text encoder of `clip_text` (same transformer, causal) -> the
+  hidden state of the first end-of-text token -> `text_projection` (no bias).
+
+Param tree = the `CLIPModel` state dict through `weights.conversion_table`: `text_model/...`,
+`vision_model/...` (`vision_model.embeddings.class_embedding` is a raw `nn.Parameter` and is copied
+by name), `visual_projection/kernel`, `text_projection/kernel`. `logit_scale` is not needed for
+cosine similarities and is not kept.
+
+Preprocessing is OpenAI's `clip.load(...)[1]` recipe (torchvision on PIL images): resize the
+shortest side to 224 with PIL bicubic (the long side is `int(224 * long / short)`), center crop
+224 x 224 with the offset `round((size - 224) / 2)`, scale to [0, 1], normalise with CLIP's
+mean / std. transformers' `CLIPImageProcessor` computes the same pixels except for its crop offset
+`(size - 224) // 2`, which is one pixel smaller when `size - 224` is 3 mod 4.
+
+Example:
+
+  clip = load_clip("openai/clip-vit-base-patch32")
+  img_NP = clip.embed_images([Image.open("cat.png")])     # [1, 512]
+  txt_NP = clip.embed_texts(["a photo of a cat"])           # [1, 512]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from PIL import Image
+
+from lusd_jax import tokenizer as tokenizer_lib
+from lusd_jax import weights
+from lusd_jax.models import attention, clip_text, layers
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+TINY_RANDOM = "tiny-random"
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CLIPLoadError(ValueError):
+  """A CLIP folder, file or key is missing or does not fit its config."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _known_fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+  # CLIP configs carry many bookkeeping keys (generation defaults, init settings, dropouts) that
+  # change nothing at inference; the weight table checks every shape the architecture keys imply.
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {k: v for k, v in d.items() if k in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  """The architecture keys of `config.json["vision_config"]` (ViT-B/32 defaults)."""
+
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  image_size: int = 224
+  patch_size: int = 32
+  num_channels: int = 3
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+
+  def __post_init__(self):
+    if self.hidden_act not in clip_text.ACTIVATIONS:
+      raise ValueError(f"vision config: hidden_act={self.hidden_act!r} is not supported.")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+        f"vision config: hidden_size={self.hidden_size} is not divisible by "
+        f"num_attention_heads={self.num_attention_heads}."
+      )
+    if self.image_size % self.patch_size:
+      raise ValueError(
+        f"vision config: image_size={self.image_size} is not a multiple of patch_size={self.patch_size}."
+      )
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
+    return cls(**_known_fields(cls, d))
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """transformers' `CLIPConfig` (`config.json` of a `CLIPModel` folder): two towers + projection."""
+
+  text_config: clip_text.CLIPTextConfig = clip_text.CLIPTextConfig()
+  vision_config: CLIPVisionConfig = CLIPVisionConfig()
+  projection_dim: int = 512
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> CLIPConfig:
+    """Builds the config from `config.json` contents (unknown bookkeeping keys are ignored)."""
+    text = d.get("text_config") or {}
+    vision = d.get("vision_config") or {}
+    return cls(
+      text_config=clip_text.CLIPTextConfig.from_dict(_known_fields(clip_text.CLIPTextConfig, text)),
+      vision_config=CLIPVisionConfig.from_dict(vision),
+      projection_dim=int(d.get("projection_dim", 512)),
+    )
+
+  @classmethod
+  def from_json(cls, path: str | os.PathLike) -> CLIPConfig:
+    with open(path, encoding="utf-8") as f:
+      return cls.from_dict(json.load(f))
+
+
+# A small random CLIP for trying the evaluator without a download (meaningless scores).
+TINY_CLIP = dict(
+  projection_dim=32,
+  text_config=dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+  ),
+  vision_config=dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=224,
+    patch_size=32,
+  ),
+)
+
+
+# ----------------------------------------------------------------------------- image tower
+
+
+def _layer_norm(name: str, eps: float) -> nn.LayerNorm:
+  # Two-pass variance, as PyTorch computes it.
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+  config: CLIPVisionConfig
+
+  @nn.compact
+  def __call__(self, pixels_BHWC):
+    cfg = self.config
+    p = cfg.patch_size
+    patches_BGGD = nn.Conv(
+      cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="patch_embedding"
+    )(pixels_BHWC)
+    b = patches_BGGD.shape[0]
+    patches_BPD = patches_BGGD.reshape(b, -1, cfg.hidden_size)  # row-major grid, as torch's flatten(2)
+    cls_D = self.param("class_embedding", nn.initializers.normal(1.0), (cfg.hidden_size,))
+    x_BTD = jnp.concatenate([jnp.broadcast_to(cls_D, (b, 1, cfg.hidden_size)), patches_BPD], axis=1)
+    pos_TD = nn.Embed(cfg.num_patches + 1, cfg.hidden_size, name="position_embedding")(
+      jnp.arange(cfg.num_patches + 1)
+    )
+    return x_BTD + pos_TD[None]
+
+
+class CLIPVisionAttention(nn.Module):
+  """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
+
+  config: CLIPVisionConfig
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.config
+    b, t, d = x_BTD.shape
+    n, h = cfg.num_attention_heads, cfg.head_dim
+    q_BTNH, k_BTNH, v_BTNH = (
+      nn.Dense(d, name=name)(x_BTD).reshape(b, t, n, h) for name in ("q_proj", "k_proj", "v_proj")
+    )
+    out_BTNH = attention.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, causal=False, impl=self.attention_impl)
+    return nn.Dense(d, name="out_proj")(out_BTNH.reshape(b, t, d))
+
+
+class CLIPVisionEncoderLayer(nn.Module):
+  config: CLIPVisionConfig
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    eps = self.config.layer_norm_eps
+    x_BTD = x_BTD + CLIPVisionAttention(self.config, self.attention_impl, name="self_attn")(
+      _layer_norm("layer_norm1", eps)(x_BTD)
+    )
+    # The MLP reads only hidden_size / intermediate_size / hidden_act, which both configs have.
+    return x_BTD + clip_text.CLIPMLP(self.config, name="mlp")(_layer_norm("layer_norm2", eps)(x_BTD))
+
+
+class CLIPVisionEncoder(nn.Module):
+  config: CLIPVisionConfig
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    for i in range(self.config.num_hidden_layers):
+      x_BTD = CLIPVisionEncoderLayer(self.config, self.attention_impl, name=f"layers_{i}")(x_BTD)
+    return x_BTD
+
+
+class CLIPVisionTransformer(nn.Module):
+  """transformers' `CLIPVisionModel` (the `vision_model` scope); returns (pooled_BD, last_hidden_BTD).
+
+  Input: normalised pixels `[B, image_size, image_size, 3]` (NHWC; `preprocess_image` makes them).
+  """
+
+  config: CLIPVisionConfig
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, pixels_BHWC):
+    cfg = self.config
+    x_BTD = CLIPVisionEmbeddings(cfg, name="embeddings")(pixels_BHWC)
+    x_BTD = _layer_norm("pre_layrnorm", cfg.layer_norm_eps)(x_BTD)  # sic: transformers' key
+    x_BTD = CLIPVisionEncoder(cfg, self.attention_impl, name="encoder")(x_BTD)
+    pooled_BD = _layer_norm("post_layernorm", cfg.layer_norm_eps)(x_BTD[:, 0])
+    return pooled_BD, x_BTD
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def param_shapes(config: CLIPConfig):
+  """The param tree of `config` (the `CLIPModel` layout) as `jax.ShapeDtypeStruct`s (nothing is computed)."""
+  vc, tc = config.vision_config, config.text_config
+  pixels = jax.ShapeDtypeStruct((1, vc.image_size, vc.image_size, vc.num_channels), jnp.float32)
+  vision = jax.eval_shape(
+    lambda k, x: CLIPVisionTransformer(vc).init(k, x)["params"], jax.random.key(0), pixels
+  )
+  projection = lambda d_in: {"kernel": jax.ShapeDtypeStruct((d_in, config.projection_dim), jnp.float32)}
+  return {
+    "text_model": clip_text.param_shapes(tc)["text_model"],
+    "vision_model": vision,
+    "visual_projection": projection(vc.hidden_size),
+    "text_projection": projection(tc.hidden_size),
+  }
+
+
+def init_params(config: CLIPConfig, key: jax.Array):
+  """Random float32 params for `config` (`layers.random_params`: no parameter is constant)."""
+  return layers.random_params(param_shapes(config), key)
+
+
+# Raw `nn.Parameter`s (not a weight / bias of a layer): copied by name, shape-checked.
+_RAW_PARAMS = {"vision_model.embeddings.class_embedding": ("vision_model", "embeddings", "class_embedding")}
+
+
+def _is_unused(key: str) -> bool:
+  return key.endswith("position_ids") or key == "logit_scale"
+
+
+def params_from_torch(
+  state_dict: Mapping[str, np.ndarray],
+  config: CLIPConfig,
+  source: str = "model.safetensors",
+  dtype=np.float32,
+):
+  """A transformers `CLIPModel` state dict (numpy arrays) -> Flax params for `config`.
+
+  Every key goes through `weights.conversion_table` except the raw `class_embedding` parameter;
+  `logit_scale` and `position_ids` buffers are not used.
+
+  Raises:
+    weights.WeightsError: naming the key when a key does not fit `config`, a shape differs, or a
+      parameter is missing.
+  """
+  flat_shapes = weights.flax_shapes_of(param_shapes(config))
+  raw = {}
+  for key, path in _RAW_PARAMS.items():
+    if key not in state_dict:
+      raise weights.WeightsError(f"{source}: missing key '{key}'.")
+    if tuple(np.shape(state_dict[key])) != flat_shapes[path]:
+      raise weights.WeightsError(
+        f"{source}: key '{key}' has shape {tuple(np.shape(state_dict[key]))}; the config expects {flat_shapes[path]}."
+      )
+    raw[path] = np.asarray(state_dict[key], dtype=dtype)
+  rest = {k: v for k, v in state_dict.items() if k not in _RAW_PARAMS}
+  rest_shapes = traverse_util.unflatten_dict(
+    {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in flat_shapes.items() if p not in raw}
+  )
+  params = weights.convert_state_dict(rest, rest_shapes, ignore=_is_unused, dtype=dtype, source=source)
+  flat = traverse_util.flatten_dict(params)
+  flat.update(raw)
+  return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
+def image_features(params, config: CLIPConfig, pixels_BHWC, attention_impl: str = "xla"):
+  """`CLIPModel.get_image_features`: normalised pixels `[B, S, S, 3]` -> `[B, projection_dim]`.
+
+  Not L2-normalised (cosine similarities normalise).
+  """
+  pooled_BD, _ = CLIPVisionTransformer(config.vision_config, attention_impl).apply(
+    {"params": params["vision_model"]}, jnp.asarray(pixels_BHWC, jnp.float32)
+  )
+  return pooled_BD @ params["visual_projection"]["kernel"]
+
+
+def eos_positions(config: clip_text.CLIPTextConfig, input_ids_BL):
+  """Where each sequence's text embedding is read: its first end-of-text token.
+
+  transformers' rule: configs written before its PR #24773 say `eos_token_id = 2` (openai/clip-*),
+  and then the position is the argmax of the ids (end-of-text, 49407, is the largest id);
+  otherwise it is the first position holding `eos_token_id`.
+  """
+  ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
+  if config.eos_token_id == 2:
+    return jnp.argmax(ids_BL, axis=-1)
+  return jnp.argmax((ids_BL == config.eos_token_id).astype(jnp.int32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
+def text_features(params, config: CLIPConfig, input_ids_BL, attention_impl: str = "xla"):
+  """`CLIPModel.get_text_features`: token ids `[B, L]` -> `[B, projection_dim]` (not normalised)."""
+  tc = config.text_config
+  hidden_BLD = clip_text.CLIPTextTransformer(tc, attention_impl=attention_impl).apply(
+    {"params": {"text_model": params["text_model"]}}, jnp.asarray(input_ids_BL, jnp.int32)
+  )
+  pooled_BD = jnp.take_along_axis(hidden_BLD, eos_positions(tc, input_ids_BL)[:, None, None], axis=1)[:, 0]
+  return pooled_BD @ params["text_projection"]["kernel"]
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def preprocess_image(image: Image.Image, size: int = 224) -> np.ndarray:
+  """OpenAI CLIP preprocessing of one image -> normalised pixels `[size, size, 3]` float32.
+
+  Resize the shortest side to `size` (PIL bicubic; long side `int(size * long / short)`, as
+  torchvision's `Resize(size)`), center crop `size` x `size` at offset `round((side - size) / 2)`
+  (torchvision's `CenterCrop`), `/ 255` in float32, `(x - mean) / std`.
+  """
+  image = image.convert("RGB")
+  w, h = image.size
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  if (new_w, new_h) != (w, h):
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+  top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+  x_HWC = np.asarray(image, dtype=np.float32)[top : top + size, left : left + size] / np.float32(255.0)
+  return (x_HWC - np.asarray(OPENAI_CLIP_MEAN, np.float32)) / np.asarray(OPENAI_CLIP_STD, np.float32)
+
+
+# ----------------------------------------------------------------------------- loaded model
+
+
+def _batched(fn, inputs_N, batch_size: int):
+  """Runs `fn` over batches padded to a power of two (at most `batch_size`): few compiled shapes."""
+  n = inputs_N.shape[0]
+  outs = []
+  for start in range(0, n, batch_size):
+    chunk = inputs_N[start : start + batch_size]
+    m = chunk.shape[0]
+    padded = min(batch_size, 1 << (m - 1).bit_length())
+    if padded > m:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], padded - m, axis=0)])
+    outs.append(np.asarray(fn(chunk))[:m])
+  return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CLIP:
+  """A loaded CLIP: config, float32 params, transformers `CLIPTokenizer`, where it came from."""
+
+  config: CLIPConfig
+  params: Any
+  tokenizer: Any
+  name: str
+  attention_impl: str = "xla"
+
+  def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+    """PIL images -> image embeddings `[N, projection_dim]` float32 (OpenAI preprocessing)."""
+    size = self.config.vision_config.image_size
+    pixels_NHWC = (
+      np.stack([preprocess_image(im, size) for im in images]) if images else np.zeros((0, size, size, 3))
+    )
+    fn = lambda x: image_features(self.params, self.config, x, self.attention_impl)
+    out = _batched(fn, pixels_NHWC.astype(np.float32), batch_size)
+    return out.reshape(len(images), self.config.projection_dim)
+
+  def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Strings -> text embeddings `[N, projection_dim]` float32 (truncated at 77 tokens)."""
+    ids_NL = tokenizer_lib.tokenize(self.tokenizer, list(texts)) if texts else np.zeros((0, 77), np.int32)
+    fn = lambda x: text_features(self.params, self.config, x, self.attention_impl)
+    return _batched(fn, ids_NL, batch_size).reshape(len(texts), self.config.projection_dim)
+
+
+def tiny_random_clip(seed: int = 0) -> CLIP:
+  """A tiny random-weight CLIP (`TINY_CLIP`) with the bundled tokenizer: meaningless scores, no download."""
+  config = CLIPConfig.from_dict(TINY_CLIP)
+  params = init_params(config, jax.random.key(seed))
+  return CLIP(config, params, tokenizer_lib.bundled_tokenizer(), TINY_RANDOM)
+
+
+def load_clip_folder(folder: str | os.PathLike, name: str | None = None) -> CLIP:
+  """Loads a transformers `CLIPModel` folder (`config.json`, `model.safetensors`, tokenizer files).
+
+  The tokenizer comes from the folder's `vocab.json` / `merges.txt`, else the bundled CLIP BPE.
+  """
+  from lusd_jax import loading
+
+  folder = os.fspath(folder)
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(config_path):
+    raise CLIPLoadError(f"missing file {config_path} (expected a transformers CLIPModel folder)")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      raw = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CLIPLoadError(f"{config_path} is not valid JSON: {e}") from None
+  if raw.get("model_type", "clip") != "clip":
+    raise CLIPLoadError(f"{config_path}: model_type {raw.get('model_type')!r} is not a CLIPModel ('clip').")
+  try:
+    config = CLIPConfig.from_dict(raw)
+  except (ValueError, TypeError) as e:
+    raise CLIPLoadError(f"{config_path}: {e}") from None
+  try:
+    state_dict, source = loading.read_state_dict(folder, "model")
+  except loading.ModelLoadError as e:
+    raise CLIPLoadError(str(e)) from None
+  try:
+    params = params_from_torch(state_dict, config, source=source)
+  except weights.WeightsError as e:
+    raise CLIPLoadError(str(e)) from None
+  has_vocab = all(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt"))
+  tok = tokenizer_lib.load_tokenizer(folder) if has_vocab else tokenizer_lib.bundled_tokenizer()
+  return CLIP(config, params, tok, name or folder)
+
+
+def load_clip(path_or_repo_id: str = DEFAULT_CLIP, *, revision: str | None = None) -> CLIP:
+  """Loads CLIP for the evaluation metrics.
+
+  Args:
+    path_or_repo_id: a local transformers `CLIPModel` folder, a Hugging Face repo id (downloaded with
+      `huggingface_hub` when a network is there; default OpenAI's ViT-B/32), or "tiny-random".
+    revision: hub revision, for repo ids.
+
+  Returns:
+    `CLIP` with `embed_images` / `embed_texts`.
+
+  Raises:
+    CLIPLoadError: naming the missing folder / file / key.
+  """
+  if path_or_repo_id == TINY_RANDOM:
+    return tiny_random_clip()
+  path = os.path.expanduser(os.fspath(path_or_repo_id))
+  if os.path.isdir(path):
+    return load_clip_folder(path)
+  parts = path_or_repo_id.split("/")
+  if os.path.exists(path) or len(parts) != 2 or not all(parts) or path_or_repo_id.startswith((".", "/", "~")):
+    raise CLIPLoadError(
+      f"CLIP model {path_or_repo_id!r}: not a transformers CLIPModel folder, and not a Hugging Face repo id (owner/name)."
+    )
+  try:
+    from huggingface_hub import snapshot_download
+
+    files = ["config.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
+    local = snapshot_download(
+      path_or_repo_id, revision=revision, allow_patterns=[*files, "model.safetensors"]
+    )
+    if not os.path.isfile(os.path.join(local, "model.safetensors")):
+      # Older repos hold only PyTorch pickles (reading them needs torch).
+      local = snapshot_download(
+        path_or_repo_id, revision=revision, allow_patterns=[*files, "pytorch_model.bin"]
+      )
+  except Exception as e:  # noqa: BLE001 - network, auth, unknown repo: one clear line
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise CLIPLoadError(
+      f"CLIP model {path_or_repo_id!r}: not a local folder, and downloading it from the Hugging Face hub failed "
+      f"({type(e).__name__}: {first}). Pass a local CLIPModel folder (config.json + model.safetensors), or "
+      "--clip tiny-random to try the evaluator."
+    ) from None
+  return load_clip_folder(local, name=path_or_repo_id)

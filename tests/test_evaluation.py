@@ -1,0 +1,359 @@
+"""Evaluation metrics against hand-computed values, the dataset / results layouts, and run_eval end to end."""
+
+import argparse
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from skimage import data
+
+from lusd_jax import evaluation as ev
+from lusd_jax.models import clip as clip_lib
+
+H = 0.01  # threshold step
+
+
+# ----------------------------------------------------------------------------- metric math
+
+
+def test_clip_t_and_clip_r_on_synthetic_embeddings():
+  edited = np.array([[3.0, 4.0], [1.0, 0.0]])
+  source = np.array([[4.0, 3.0], [1.0, 0.0]])
+  target_text = np.array([[1.0, 0.0], [2.0, 5.0]])
+  local_text = np.array([[0.0, 1.0], [0.0, 1.0]])
+  np.testing.assert_allclose(ev.clip_t(edited, local_text), [0.8, 0.0], atol=1e-12)
+  # cos(edited, y_tgt) / cos(source, y_tgt) = 0.6 / 0.8; the second edit did nothing -> exactly 1.
+  np.testing.assert_allclose(ev.clip_r(edited, source, target_text), [0.75, 1.0], atol=1e-12)
+  assert ev.clip_r(edited, source, target_text)[1] == 1.0
+
+
+def test_thresholds():
+  assert len(ev.SUCCESS_THRESHOLDS) == 41 and len(ev.BACKGROUND_THRESHOLDS) == 23
+  assert ev.SUCCESS_THRESHOLDS[0] == 1.0
+  np.testing.assert_allclose(ev.SUCCESS_THRESHOLDS[[10, 40]], [1.1, 1.4], atol=1e-12)
+  np.testing.assert_allclose(ev.BACKGROUND_THRESHOLDS[-1], 1.22, atol=1e-12)
+
+
+def test_success_rate_and_clip_auc_by_hand():
+  clip_r = [1.005, 1.105, 1.295, math.nan]  # the NaN is a missing image: a failure
+  s = ev.success_rate(clip_r)
+  expected = np.array([0.75] + [0.5] * 10 + [0.25] * 19 + [0.0] * 11)
+  np.testing.assert_allclose(s, expected, atol=1e-12)
+  # Composite Simpson, h/3 * (1, 4, 2, 4, ..., 4, 1) weights: k=1.00 -> 1; k=1.01..1.10 -> 5*4 + 5*2 = 30;
+  # k=1.11..1.29 -> 10*4 + 9*2 = 58; the rest are zeros.
+  by_hand = H / 3 * (0.75 * 1 + 0.5 * 30 + 0.25 * 58)
+  assert ev.clip_auc(clip_r) == pytest.approx(by_hand, abs=1e-12)
+  assert by_hand == pytest.approx(0.1008333333, abs=1e-9)
+  # Every edit succeeding at every k: the area of a unit-height strip of width 0.4.
+  assert ev.clip_auc([2.0, 3.0]) == pytest.approx(0.4, abs=1e-12)
+
+
+def test_doing_nothing_scores_zero():
+  # Doing nothing: x = x_src, so CLIP-R = 1 for every edit, never strictly above any k >= 1.
+  rng = np.random.default_rng(0)
+  src = rng.standard_normal((6, 8))
+  txt = rng.standard_normal((6, 8))
+  cr = ev.clip_r(src, src, txt)
+  assert np.all(cr == 1.0)
+  np.testing.assert_array_equal(ev.success_rate(cr), np.zeros(41))
+  assert ev.clip_auc(cr) == 0.0
+  # No successful edit: the background metrics are undefined, not a perfect 0 L1.
+  assert math.isnan(ev.thresholded_auc(np.zeros(6), cr))
+  assert np.all(np.isnan(ev.thresholded_means(np.zeros(6), cr)))
+
+
+def test_l1_star_by_hand():
+  clip_r = [1.005, 1.105, 1.295, math.nan, 1.5]
+  l1 = [0.1, 0.2, 0.4, math.nan, math.nan]  # row 4 succeeded but has no ground truth: left out
+  means = ev.thresholded_means(l1, clip_r)
+  expected = np.array([0.7 / 3] + [0.3] * 10 + [0.4] * 12)
+  np.testing.assert_allclose(means, expected, atol=1e-12)
+  # 23 points: k=1.00 -> 1; k=1.01..1.10 -> 30; k=1.11..1.21 -> 6*4 + 5*2 = 34; k=1.22 -> 1.
+  by_hand = H / 3 * (0.7 / 3 + 0.3 * 30 + 0.4 * 35)
+  assert ev.thresholded_auc(l1, clip_r) == pytest.approx(by_hand, abs=1e-12)
+  # A constant value c over [1, 1.22] integrates to 0.22 c (CLIP-I* of perfect edits is 0.22).
+  assert ev.thresholded_auc([1.0, 1.0], [1.5, 2.0]) == pytest.approx(0.22, abs=1e-12)
+
+
+def test_l1_distance_by_hand():
+  edited = Image.new("RGB", (8, 8), (100, 150, 200))
+  gt = Image.new("RGB", (16, 16), (0, 0, 0))  # the edited image is resized to 16 x 16 first
+  assert ev.l1_distance(edited, gt) == pytest.approx(150 / 255, abs=1e-12)
+  half = Image.new("RGB", (10, 4), (0, 0, 0))
+  ImageDraw.Draw(half).rectangle([0, 0, 4, 3], fill=(255, 255, 255))
+  assert ev.l1_distance(Image.new("RGB", (10, 4)), half) == pytest.approx(0.5, abs=1e-12)
+  assert ev.l1_distance(gt, gt) == 0.0
+
+
+def test_category_groups():
+  assert [ev.category_group(c) for c in ["add", " Add ", "remove", "change", ""]] == [
+    "add",
+    "add",
+    "other",
+    "other",
+    "",
+  ]
+
+
+def test_summarize_per_category():
+  scores = [
+    dict(category="add", clip_t=0.3, clip_r=1.5, l1=0.1, clip_i=0.9, missing=False),
+    dict(category="add", clip_t=math.nan, clip_r=math.nan, l1=math.nan, clip_i=math.nan, missing=True),
+    dict(category="remove", clip_t=0.2, clip_r=0.9, l1=0.3, clip_i=0.5, missing=False),
+  ]
+  rows, curves = ev.summarize(scores, "m")
+  assert [(r["category"], r["n"], r["missing"]) for r in rows] == [
+    ("all", 3, 1),
+    ("add", 2, 1),
+    ("other", 1, 0),
+  ]
+  by_cat = {r["category"]: r for r in rows}
+  assert by_cat["all"]["CLIP-T"] == pytest.approx(0.25)  # mean over the images that exist
+  assert by_cat["all"]["CLIP-AUC"] == pytest.approx(0.4 / 3)  # one of three edits succeeds at every k
+  assert by_cat["add"]["CLIP-AUC"] == pytest.approx(0.2)  # one of two (the missing one failed)
+  assert by_cat["other"]["CLIP-AUC"] == 0.0 and math.isnan(by_cat["other"]["L1*"])
+  assert by_cat["all"]["L1*"] == pytest.approx(0.1 * 0.22) and by_cat["add"]["CLIP-I*"] == pytest.approx(
+    0.9 * 0.22
+  )
+  np.testing.assert_allclose(curves["all"], np.full(41, 1 / 3))
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _write_index(folder, rows):
+  with open(os.path.join(folder, "index.csv"), "w", newline="", encoding="utf-8") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+
+
+def test_dataset_layout_and_errors(tmp_path):
+  with pytest.raises(ev.DatasetError, match="index.csv"):
+    ev.load_dataset(tmp_path)
+  (tmp_path / "images").mkdir()
+  Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+  _write_index(tmp_path, [dict(img_path="images/a.png", source_prompt="a cat")])
+  with pytest.raises(ev.DatasetError, match="target_prompt"):
+    ev.load_dataset(tmp_path)
+  _write_index(tmp_path, [dict(img_path="images/b.png", target_prompt="a cat")])
+  with pytest.raises(ev.DatasetError, match="row 0: img_path 'images/b.png'"):
+    ev.load_dataset(tmp_path)
+  # As `lusd-jax batch` reads it: `a.png` is images/a.png; a BOM and spaces in the header are fine.
+  (tmp_path / "index.csv").write_text("\ufeffimg_path, target_prompt\na.png,a dog\n", encoding="utf-8")
+  assert ev.load_dataset(tmp_path)[0].source_path == os.path.join(str(tmp_path), "images", "a.png")
+  # Only the batch columns: descriptions fall back to target_prompt, no ground truth, no category.
+  _write_index(
+    tmp_path, [dict(img_path="images/a.png", source_prompt="a cat", target_prompt="a cat in a hat")]
+  )
+  (ex,) = ev.load_dataset(tmp_path)
+  assert (ex.global_target_prompt, ex.local_prompt, ex.gt_path, ex.category) == ("a cat in a hat",) * 2 + (
+    None,
+    "",
+  )
+  assert ex.source_path == os.path.join(str(tmp_path), "images/a.png")
+
+
+def test_result_selection(tmp_path):
+  for name in ["000_seed1.png", "000_seed2.png", "002_seed1.png", "007_seed1.png", "notes.txt"]:
+    Image.new("RGB", (4, 4)).save(tmp_path / name) if name.endswith(".png") else (tmp_path / name).write_text(
+      ""
+    )
+  found = ev.scan_results(tmp_path)
+  assert sorted(found) == [0, 2, 7]
+  res, rule = ev.select_results(found, 3)  # default: the smallest seed present
+  assert rule == "1" and [(r.row, r.seed, r.path is None) for r in res] == [
+    (0, 1, False),
+    (1, 1, True),
+    (2, 1, False),
+  ]
+  res, _ = ev.select_results(found, 3, seed=2)
+  assert [r.path is None for r in res] == [False, True, True]
+  res, rule = ev.select_results(found, 3, seed="all")
+  assert rule == "all" and [(r.row, r.seed) for r in res] == [(0, 1), (0, 2), (1, None), (2, 1)]
+  with pytest.raises(ev.DatasetError, match="does not exist"):
+    ev.scan_results(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+CATEGORIES = ("add", "remove", "add", "change", "add")
+
+
+def _edit(im: Image.Image, shift: int = 0) -> Image.Image:
+  out = im.copy()
+  ImageDraw.Draw(out).ellipse([20 + shift, 10, 44 + shift, 34], fill=(220, 30, 30))
+  return out
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+  """A MagicBrush-style dataset of real photos with two results folders (nothing done / edited)."""
+  root = tmp_path_factory.mktemp("bench")
+  ds, nothing, edited = root / "dataset", root / "nothing", root / "edited"
+  for d in (ds / "images", nothing, edited):
+    d.mkdir(parents=True)
+  rows = []
+  for i, (name, cat) in enumerate(zip(PHOTOS, CATEGORIES, strict=True)):
+    src = Image.fromarray(getattr(data, name)()).convert("RGB").resize((64, 48), Image.BICUBIC)
+    src.save(ds / "images" / f"{name}.png")
+    _edit(src).save(ds / "images" / f"{name}_gt.png")
+    rows.append(
+      dict(
+        img_path=f"images/{name}.png",
+        source_prompt=f"a photo of a {name}",
+        target_prompt=f"a photo of a {name} with a red ball",
+        global_source_prompt=f"a photo of a {name}",
+        global_target_prompt=f"a photo of a {name} with a red ball",
+        local_prompt="a red ball",
+        gt_path=f"images/{name}_gt.png",
+        category=cat,
+      )
+    )
+    src.save(nothing / f"{i:03d}_seed0.png")
+    if i != 2:  # one result missing
+      _edit(src, shift=4).resize((128, 96)).save(edited / f"{i:03d}_seed0.png")
+  (edited / "004_seed0.png").write_bytes(b"\x89PNG truncated")  # and one unreadable
+  _write_index(ds, rows)
+  return dict(dataset=str(ds), nothing=str(nothing), edited=str(edited), root=root)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+  return clip_lib.tiny_random_clip(seed=0)
+
+
+def _read_csv(path):
+  with open(path, newline="", encoding="utf-8") as f:
+    return list(csv.DictReader(f))
+
+
+def test_run_eval_end_to_end(bench, tiny_clip, tmp_path):
+  logs = []
+  report = ev.run_eval(
+    [bench["nothing"], bench["edited"]], bench["dataset"], tiny_clip, tmp_path / "out", log=logs.append
+  )
+  n = len(PHOTOS)
+  # The missing and the unreadable image are reported, by name.
+  assert any("unreadable" in m and "004_seed0.png" in m for m in logs)
+  assert any("2 of 5 result images missing" in m and "002_seed0.png, 004_seed0.png" in m for m in logs)
+
+  summary = _read_csv(report.files["summary_csv"])
+  assert [(r["method"], r["category"]) for r in summary] == [
+    (m, c) for m in ("nothing", "edited") for c in ("all", "add", "other")
+  ]
+  assert list(summary[0]) == ["method", "category", "n", "missing", "CLIP-T", "CLIP-AUC", "L1*", "CLIP-I*"]
+  md = open(report.files["summary_md"], encoding="utf-8").read().strip().splitlines()
+  assert len(md) == 2 + 6 and md[0].startswith("| method | category | n | missing | CLIP-T | CLIP-AUC")
+  per_example = _read_csv(report.files["per_example"])
+  assert len(per_example) == 2 * n
+
+  by = {(r["method"], r["category"]): r for r in summary}
+  assert (by["nothing", "all"]["n"], by["nothing", "all"]["missing"]) == ("5", "0")
+  assert (by["edited", "all"]["n"], by["edited", "all"]["missing"]) == ("5", "2")
+  assert (by["edited", "add"]["n"], by["edited", "add"]["missing"]) == ("3", "2")
+  assert (by["edited", "other"]["n"], by["edited", "other"]["missing"]) == ("2", "0")
+
+  # Doing nothing: CLIP-R = 1 (to float rounding of the same image embedded twice), no success above k = 1.
+  nothing = [r for r in report.per_example if r["method"] == "nothing"]
+  np.testing.assert_allclose([r["clip_r"] for r in nothing], 1.0, atol=1e-5)
+  assert np.all(report.curves["nothing"][1:] == 0.0)
+
+  # The missing edit is a failure: NaN scores, and in every denominator.
+  edited = [r for r in report.per_example if r["method"] == "edited"]
+  assert edited[2]["missing"] and math.isnan(edited[2]["clip_r"]) and edited[2]["result_path"] == ""
+  cr = np.array([r["clip_r"] for r in edited])
+  np.testing.assert_allclose(report.curves["edited"], ev.success_rate(cr))
+  assert edited[4]["missing"] and math.isnan(edited[4]["clip_t"])
+  assert report.curves["edited"].max() <= (n - 2) / n
+  assert float(by["edited", "all"]["CLIP-AUC"]) == pytest.approx(ev.clip_auc(cr))
+  assert float(by["edited", "all"]["CLIP-T"]) == pytest.approx(np.nanmean([r["clip_t"] for r in edited]))
+
+  # Per-example scores are the metric definitions applied to this CLIP's embeddings.
+  ex0 = ev.load_dataset(bench["dataset"])[0]
+  res0 = Image.open(edited[0]["result_path"]).convert("RGB")
+  src0, gt0 = Image.open(ex0.source_path), Image.open(ex0.gt_path)
+  x, x_src, x_gt = tiny_clip.embed_images([res0, src0, gt0])
+  y_tgt, y_local = tiny_clip.embed_texts([ex0.global_target_prompt, ex0.local_prompt])
+  assert edited[0]["clip_t"] == pytest.approx(ev.cosine_similarity(x[None], y_local[None])[0], abs=1e-5)
+  assert edited[0]["clip_r"] == pytest.approx(ev.clip_r(x[None], x_src[None], y_tgt[None])[0], abs=1e-5)
+  assert edited[0]["clip_i"] == pytest.approx(ev.cosine_similarity(x[None], x_gt[None])[0], abs=1e-5)
+  assert edited[0]["l1"] == pytest.approx(ev.l1_distance(res0, gt0), abs=1e-12) and edited[0]["l1"] > 0
+
+  curves = _read_csv(report.files["curves_csv"])
+  assert len(curves) == 41 and list(curves[0]) == ["k", "nothing", "edited"]
+  with Image.open(report.files["plot"]) as png:
+    assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_eval_command(bench, tiny_clip, tmp_path, capsys):
+  parser = ev.add_eval_arguments(argparse.ArgumentParser())
+  out = tmp_path / "cmd"
+  args = parser.parse_args(
+    [
+      "--results",
+      bench["nothing"],
+      "--results",
+      bench["edited"],
+      "--dataset",
+      bench["dataset"],
+      "--clip",
+      "tiny-random",
+    ]
+    + ["--out", str(out), "--seed", "0", "--names", "Nothing", "Edited"]
+  )
+  assert args.results == [bench["nothing"], bench["edited"]] and args.seed == 0
+  assert ev.eval_command(args) == 0
+  printed = capsys.readouterr().out
+  assert "| Nothing | all | 5 | 0 |" in printed and "| Edited | add | 3 | 2 |" in printed
+  assert sorted(os.listdir(out)) == sorted(
+    ["per_example.csv", "summary.csv", "summary.md", "success_rate.csv", "success_rate.png"]
+  )
+  bad = parser.parse_args(
+    ["--results", bench["edited"], "--dataset", str(tmp_path / "none"), "--clip", "tiny-random"]
+  )
+  assert ev.eval_command(bad) == 2
+  assert "index.csv" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--results", "x", "--dataset", "y", "--seed", "first"])
+
+
+def _cli_can_batch() -> bool:
+  # Guard for the days before the editing pipeline lands; remove once `lusd-jax batch` runs.
+  if importlib.util.find_spec("lusd_jax.cli") is None:
+    return False
+  from lusd_jax import cli, pipeline
+
+  commands = cli.build_parser()._subparsers._group_actions[0].choices
+  return {"batch", "eval"} <= set(commands) and hasattr(pipeline, "edit")
+
+
+@pytest.mark.skipif(not _cli_can_batch(), reason="lusd-jax batch / eval are not runnable yet")
+def test_cli_batch_then_eval(bench, tmp_path):
+  results = tmp_path / "lusd"
+  edit = subprocess.run(
+    [sys.executable, "-m", "lusd_jax.cli", "batch", "--model", "tiny-random", "--input-dir", bench["dataset"]]
+    + ["--output-dir", str(results), "--num-steps", "2", "--size", "64", "--quiet"],
+    capture_output=True,
+    text=True,
+  )
+  assert edit.returncode == 0, edit.stderr
+  out = tmp_path / "eval"
+  ev_run = subprocess.run(
+    [sys.executable, "-m", "lusd_jax.cli", "eval", "--results", str(results), bench["nothing"]]
+    + ["--dataset", bench["dataset"], "--clip", "tiny-random", "--out", str(out)],
+    capture_output=True,
+    text=True,
+  )
+  assert ev_run.returncode == 0, ev_run.stderr
+  summary = _read_csv(out / "summary.csv")
+  assert len(summary) == 2 * 3 and summary[0]["method"] == "lusd" and summary[0]["missing"] == "0"
+  assert len(_read_csv(out / "per_example.csv")) == 2 * len(PHOTOS)
+  assert os.path.getsize(out / "success_rate.png") > 0
