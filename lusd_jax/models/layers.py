@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def group_norm(name: str, groups: int, eps: float, dtype) -> nn.GroupNorm:
@@ -59,13 +60,55 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-  """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+  """Nearest-neighbour 2x upsampling followed by a 3x3 conv.
+
+  `output_hw` forces the upsampled size, as diffusers' `upsample_size` does in the U-Net when the
+  latent side is not a multiple of 2**num_upsamplers (a skip of odd size 2n-1 meets a 2n upsample).
+  """
 
   out_channels: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BHWC):
+  def __call__(self, x_BHWC, output_hw: tuple[int, int] | None = None):
     b, h, w, c = x_BHWC.shape
-    x_BHWC = jax.image.resize(x_BHWC, (b, 2 * h, 2 * w, c), method="nearest")
+    if output_hw is None or tuple(output_hw) == (2 * h, 2 * w):
+      x_BHWC = jax.image.resize(x_BHWC, (b, 2 * h, 2 * w, c), method="nearest")
+    else:
+      # torch `F.interpolate(size=..., mode="nearest")`: source index floor(i * in / out), float32.
+      rows = _nearest_indices(h, output_hw[0])
+      cols = _nearest_indices(w, output_hw[1])
+      x_BHWC = x_BHWC[:, rows][:, :, cols]
     return conv3x3(self.out_channels, "conv", self.dtype)(x_BHWC)
+
+
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  scale = np.float32(n_in) / np.float32(n_out)
+  idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int32)
+  return np.minimum(idx, n_in - 1)
+
+
+def random_params(shapes, key: jax.Array, dtype=jnp.float32):
+  """Random params with the structure of `shapes` (a tree of `jax.ShapeDtypeStruct`), from one draw.
+
+  Kernels ~ N(0, 1 / fan_in); norm scales ~ 1 + N(0, 0.02^2); biases and embeddings ~ N(0, 0.02^2),
+  so no parameter is constant. One normal draw for the whole tree: Flax's per-layer initialisers
+  compile one RNG kernel per parameter, which takes about a minute on CPU even for a tiny VAE.
+  Needs a concrete key (not for use under `jit`).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
+  flat = np.asarray(jax.random.normal(key, (sum(sizes),), jnp.float32))
+  out, offset = [], 0
+  for (path, leaf), n in zip(leaves, sizes, strict=True):
+    x = flat[offset : offset + n].reshape(leaf.shape)
+    offset += n
+    name = getattr(path[-1], "key", None)
+    if name == "kernel":
+      x = x / np.sqrt(np.prod(leaf.shape[:-1]))
+    elif name == "scale":
+      x = 1.0 + 0.02 * x
+    else:
+      x = 0.02 * x
+    out.append(jnp.asarray(x, dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)

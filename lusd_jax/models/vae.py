@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ import numpy as np
 
 from lusd_jax import weights
 from lusd_jax.models import attention
-from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3, group_norm
+from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3, group_norm, random_params
 
 # diffusers builds every VAE resnet, attention and output norm with this eps.
 VAE_EPS = 1e-6
@@ -67,9 +68,13 @@ class VAEConfig:
 
   def __post_init__(self):
     if any(t != "DownEncoderBlock2D" for t in self.down_block_types):
-      raise ValueError(f"VAE config: down_block_types={self.down_block_types}; only DownEncoderBlock2D is supported.")
+      raise ValueError(
+        f"VAE config: down_block_types={self.down_block_types}; only DownEncoderBlock2D is supported."
+      )
     if any(t != "UpDecoderBlock2D" for t in self.up_block_types):
-      raise ValueError(f"VAE config: up_block_types={self.up_block_types}; only UpDecoderBlock2D is supported.")
+      raise ValueError(
+        f"VAE config: up_block_types={self.up_block_types}; only UpDecoderBlock2D is supported."
+      )
     n = len(self.block_out_channels)
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
       raise ValueError(
@@ -79,10 +84,14 @@ class VAEConfig:
     if self.act_fn not in ("silu", "swish"):
       raise ValueError(f"VAE config: act_fn={self.act_fn!r} is not supported (only 'silu').")
     if self.latents_mean is not None or self.latents_std is not None:
-      raise ValueError("VAE config: latents_mean/latents_std (per-channel latent normalisation) are not supported.")
+      raise ValueError(
+        "VAE config: latents_mean/latents_std (per-channel latent normalisation) are not supported."
+      )
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f"VAE config: block_out_channels entry {c} is not divisible by norm_num_groups={self.norm_num_groups}.")
+        raise ValueError(
+          f"VAE config: block_out_channels entry {c} is not divisible by norm_num_groups={self.norm_num_groups}."
+        )
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> VAEConfig:
@@ -162,7 +171,9 @@ class DownEncoderBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC):
     for j in range(self.num_layers):
-      x_BHWC = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets_{j}")(x_BHWC)
+      x_BHWC = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets_{j}")(
+        x_BHWC
+      )
     if self.add_downsample:
       x_BHWC = Downsample2D(self.out_channels, padding=0, dtype=self.dtype, name="downsamplers_0")(x_BHWC)
     return x_BHWC
@@ -180,7 +191,9 @@ class UpDecoderBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC):
     for j in range(self.num_layers):
-      x_BHWC = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets_{j}")(x_BHWC)
+      x_BHWC = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets_{j}")(
+        x_BHWC
+      )
     if self.add_upsample:
       x_BHWC = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x_BHWC)
     return x_BHWC
@@ -200,7 +213,12 @@ class Encoder(nn.Module):
     h = conv3x3(chans[0], "conv_in", self.dtype)(x_BHWC)
     for i, c in enumerate(chans):
       h = DownEncoderBlock2D(
-        c, cfg.layers_per_block, g, add_downsample=i < len(chans) - 1, dtype=self.dtype, name=f"down_blocks_{i}"
+        c,
+        cfg.layers_per_block,
+        g,
+        add_downsample=i < len(chans) - 1,
+        dtype=self.dtype,
+        name=f"down_blocks_{i}",
       )(h)
     h = UNetMidBlock2D(chans[-1], g, cfg.mid_block_add_attention, dtype=self.dtype, name="mid_block")(h)
     h = nn.silu(group_norm("conv_norm_out", g, VAE_EPS, self.dtype)(h))
@@ -222,7 +240,12 @@ class Decoder(nn.Module):
     h = UNetMidBlock2D(chans[-1], g, cfg.mid_block_add_attention, dtype=self.dtype, name="mid_block")(h)
     for i, c in enumerate(reversed(chans)):
       h = UpDecoderBlock2D(
-        c, cfg.layers_per_block + 1, g, add_upsample=i < len(chans) - 1, dtype=self.dtype, name=f"up_blocks_{i}"
+        c,
+        cfg.layers_per_block + 1,
+        g,
+        add_upsample=i < len(chans) - 1,
+        dtype=self.dtype,
+        name=f"up_blocks_{i}",
       )(h)
     h = nn.silu(group_norm("conv_norm_out", g, VAE_EPS, self.dtype)(h))
     return conv3x3(cfg.out_channels, "conv_out", self.dtype)(h)
@@ -270,17 +293,16 @@ class AutoencoderKL(nn.Module):
     return self.decode(self.encode(x_BHWC)[0])
 
 
-def init_params(config: VAEConfig, key: jax.Array, dtype=jnp.float32):
-  """Random params (Flax default initialisers) for `config`, as float `dtype`."""
-  f = config.downsample_factor
-  x_BHWC = jnp.zeros((1, f, f, config.in_channels), jnp.float32)
-  params = AutoencoderKL(config).init(key, x_BHWC)["params"]
-  return jax.tree.map(lambda p: p.astype(dtype), params)
-
-
 def param_shapes(config: VAEConfig):
-  """The param tree of `config` as `jax.ShapeDtypeStruct`s (nothing is computed)."""
-  return jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+  """The param tree of `config` as `jax.ShapeDtypeStruct`s (float32; nothing is computed)."""
+  f = config.downsample_factor
+  x_BHWC = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
+  return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), x_BHWC)["params"]
+
+
+def init_params(config: VAEConfig, key: jax.Array, dtype=jnp.float32):
+  """Random params for `config` (see `layers.random_params`), as float `dtype`."""
+  return random_params(param_shapes(config), key, dtype)
 
 
 def params_from_torch(
@@ -303,10 +325,16 @@ def params_from_torch(
   )
 
 
+# `encode_moments` and `decode` are jitted (config and dtype static): one compilation per input
+# shape instead of op-by-op dispatch, and they still work inside a caller's own `jit`.
+_jit = functools.partial(jax.jit, static_argnames=("config", "dtype"))
+
+
 def _apply(params, config: VAEConfig, dtype, method, *args):
   return AutoencoderKL(config, dtype).apply({"params": params}, *args, method=method)
 
 
+@_jit
 def encode_moments(params, config: VAEConfig, x_BHWC, *, dtype=jnp.float32):
   """Images in [-1, 1] `[B, H, W, C]` -> (mean, clamped logvar), each `[B, H/8, W/8, latent_channels]`."""
   return _apply(params, config, dtype, AutoencoderKL.encode, x_BHWC)
@@ -328,6 +356,7 @@ def encode_sample(params, config: VAEConfig, x_BHWC, key: jax.Array, *, dtype=jn
   return mean_BhwC + jnp.exp(0.5 * logvar_BhwC) * noise_BhwC
 
 
+@_jit
 def decode(params, config: VAEConfig, z_BhwC, *, dtype=jnp.float32):
   """Unscaled latents `[B, h, w, latent_channels]` -> images `[B, 8h, 8w, out_channels]`."""
   return _apply(params, config, dtype, AutoencoderKL.decode, z_BhwC)
