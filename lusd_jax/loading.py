@@ -185,9 +185,9 @@ def _load_schedule(root: str) -> schedule_lib.Schedule:
 
 def _load_tokenizer(root: str):
   folder = os.path.join(root, "tokenizer")
-  for name in ("vocab.json", "merges.txt"):
-    if not os.path.isfile(os.path.join(folder, name)):
-      raise ModelLoadError(f"missing file {os.path.join(folder, name)}")
+  has_bpe = all(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt"))
+  if not has_bpe and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    raise ModelLoadError(f"missing file {os.path.join(folder, 'vocab.json')} (and no tokenizer.json)")
   return tokenizer_lib.load_tokenizer(folder)
 
 

@@ -8,6 +8,7 @@ them. The project then loads those folders exactly as it would load a real check
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -98,7 +99,25 @@ def build_tiny_pipeline_folder(folder: str | os.PathLike, style: str = "sd1", se
     requires_safety_checker=False,
   )
   pipe.save_pretrained(folder, safe_serialization=True)
-  import shutil
-
+  if style == "sd1":
+    _as_published_sd_layout(folder, tok_dir)
   shutil.rmtree(tok_dir)
   return folder
+
+
+def _as_published_sd_layout(folder: str, tok_dir: str) -> None:
+  """Rewrites what transformers 5 saves into the layout of the checkpoints published on the hub.
+
+  transformers 5 writes `tokenizer/tokenizer.json` and text-encoder keys without the `text_model.`
+  prefix; the published SD folders hold `vocab.json` + `merges.txt` and prefixed keys. The SD1 test
+  folder uses the published layout, the SD2 one keeps transformers 5's, so both are loaded in tests.
+  """
+  from safetensors.numpy import load_file, save_file
+
+  tok_out = os.path.join(folder, "tokenizer")
+  os.remove(os.path.join(tok_out, "tokenizer.json"))
+  for name in ("vocab.json", "merges.txt"):
+    shutil.copy(os.path.join(tok_dir, name), os.path.join(tok_out, name))
+  path = os.path.join(folder, "text_encoder", "model.safetensors")
+  sd = load_file(path)
+  save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, path)

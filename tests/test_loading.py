@@ -93,7 +93,7 @@ def test_missing_key_names_the_parameter(tiny_sd1_dir, tmp_path):
   folder = _copy(tiny_sd1_dir, tmp_path)
   path = folder / "text_encoder" / "model.safetensors"
   sd = load_file(path)
-  del sd["text_model.final_layer_norm.weight"]
+  del sd["text_model.final_layer_norm.weight"]  # the SD1 test folder has the published (prefixed) keys
   save_file(sd, path)
   with pytest.raises(loading.ModelLoadError, match=r"final_layer_norm/scale"):
     loading.load_model(str(folder))
