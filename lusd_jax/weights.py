@@ -183,7 +183,7 @@ def convert_state_dict(
   flat = {}
   for row in rows:
     x = np.asarray(state_dict[row.torch_key])
-    flat[row.flax_path] = np.ascontiguousarray(apply_transform(x, row.transform)).astype(dtype)
+    flat[row.flax_path] = np.ascontiguousarray(apply_transform(x, row.transform), dtype=dtype)
   return traverse_util.unflatten_dict(flat)
 
 
