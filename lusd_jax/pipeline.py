@@ -1,0 +1,274 @@
+"""tokenize -> encode -> edit -> decode: `lusd_jax.edit`, the whole LUSD edit of one image.
+
+The jitted pieces are module-level pure functions keyed on static configs (`functools.partial`
+over hashable dataclasses), so a second edit with the same model and image size reuses every
+compiled program: prompts, edit words, seeds' keys and numeric hyperparameters are traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lusd_jax import io, prompts
+from lusd_jax import tokenizer as tokenizer_lib
+from lusd_jax.loading import SDModel
+from lusd_jax.models import clip_text, vae
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _encode_text(params, ids_BL, *, config):
+  return clip_text.encode_text(params, config, ids_BL)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _encode_image(params, x_BHWC01, *, config):
+  """Image in [0, 1] -> scaled latent (posterior mean times scaling_factor, LUSD Alg. 1 line 1)."""
+  mean = vae.encode_mean(params, config, x_BHWC01 * 2.0 - 1.0)
+  return mean * config.scaling_factor
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _decode(params, z_BHWC, *, config):
+  x = vae.decode(params, config, z_BHWC / config.scaling_factor)
+  return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def encode_prompts(model: SDModel, prompt_list: list[str]):
+  """CLIP text embeddings `[B, 77, D]` of prompts (padded/truncated to 77 tokens)."""
+  ids = tokenizer_lib.tokenize(model.tokenizer, prompt_list)
+  return _encode_text(model.params.text_encoder, jnp.asarray(ids), config=model.configs.text_encoder)
+
+
+def encode_image(model: SDModel, image_HWC01):
+  x = jnp.asarray(image_HWC01, model.compute_dtype)[None]
+  return _encode_image(model.params.vae, x, config=model.configs.vae)[0].astype(jnp.float32)
+
+
+def decode_latents(model: SDModel, z_SHWC):
+  out = [
+    _decode(model.params.vae, z[None].astype(model.compute_dtype), config=model.configs.vae)[0]
+    for z in z_SHWC
+  ]
+  return np.stack([np.asarray(x, np.float32) for x in out])
+
+
+class EditResult(NamedTuple):
+  """What one `edit` returns (S = number of seeds, N = steps)."""
+
+  images: np.ndarray  # [S, H, W, 3] float32 in [0, 1]
+  latents: np.ndarray  # [S, h, w, 4] final latents (scaled)
+  input_image: np.ndarray  # [H, W, 3] the preprocessed input
+  source_prompt: str
+  target_prompt: str
+  seeds: tuple[int, ...]
+  rejections: np.ndarray  # [S, N] redraws before acceptance at each step
+  timesteps: np.ndarray  # [S, N] accepted t at each step
+  hit_max_attempts: np.ndarray  # [S] bool: some step accepted after max_attempts draws
+  mask: np.ndarray | None  # [S, h, w] final moving-average mask (None: no edit words)
+  snapshots: np.ndarray | None  # [S, K, H, W, 3] decoded snapshots every `snapshot_every` steps
+  snapshot_steps: tuple[int, ...]
+  edit_tokens: Any  # prompts.EditTokens
+  config: Any  # LUSDConfig
+  timings: dict
+
+
+def _prepare_image(image, size: int) -> np.ndarray:
+  io.validate_size(size)
+  if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+    return io.load_image(image, size)
+  return io.image_from_array(image, size)
+
+
+def _warn_long_prompt(tokenizer, name: str, prompt: str, announce) -> None:
+  n = len(tokenizer(prompt, truncation=False)["input_ids"])
+  if n > tokenizer_lib.MAX_LENGTH:
+    announce(
+      f"warning: the {name} prompt has {n} tokens; CLIP reads the first {tokenizer_lib.MAX_LENGTH}, the rest is cut"
+    )
+
+
+def edit(
+  model: SDModel,
+  image,
+  source_prompt: str,
+  target_prompt: str,
+  seeds=(0,),
+  config=None,
+  edit_words: str | None = None,
+  noise_fn=None,
+  snapshot_every: int | None = None,
+  *,
+  token_positions=None,
+  size: int = 512,
+  progress: bool = False,
+  announce=None,
+  chunk_size: int | None = None,
+) -> EditResult:
+  """Edits `image` from `source_prompt` to `target_prompt` with LUSD, once per seed (vmapped).
+
+  Args:
+    model: from `lusd_jax.load_model`.
+    image: a path, a PIL image, or an `[H, W, 3]` array (uint8, or float in [0, 1]); center-cropped
+      to a square and resized to `size` as the official code does.
+    source_prompt: describes the input ("" is allowed).
+    target_prompt: describes the wanted edit.
+    seeds: one edit per seed, all in one compiled program (`jax.random.key(seed)` each).
+    config: `LUSDConfig` (default: the paper's values; `LUSDConfig.official()` for the public code).
+    edit_words: words of the target prompt to build the attention mask from (default: inferred,
+      `prompts.find_edit_tokens`).
+    noise_fn: optional replayable draw `noise_fn(key, step, attempt) -> (t, eps)`.
+    snapshot_every: also return decoded images every this many steps.
+    token_positions: explicit edit-token positions in the target prompt (instead of edit_words).
+    size: image side, a multiple of 64.
+    progress: show a progress bar over the optimization steps.
+    announce: where to print the one-line notes (edit tokens, long prompts); default: nowhere.
+    chunk_size: steps per compiled call (the progress bar moves between chunks).
+
+  Returns:
+    `EditResult`.
+
+  Example:
+    >>> model = lusd_jax.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    >>> res = lusd_jax.edit(model, "cat.png", "a cat", "a cat wearing a party hat", seeds=[0, 1, 2])
+    >>> res.images.shape
+    (3, 512, 512, 3)
+  """
+  from lusd_jax.lusd import core
+  from lusd_jax.lusd.config import LUSDConfig
+
+  config = LUSDConfig() if config is None else config
+  announce = announce or (lambda _msg: None)
+  seeds = tuple(int(s) for s in seeds)
+  if not seeds:
+    raise io.InputError("seeds: give at least one seed")
+  if target_prompt.strip() == "":
+    raise io.InputError("the target prompt is empty")
+  if target_prompt.strip() == source_prompt.strip():
+    raise io.InputError("the target prompt equals the source prompt: there is nothing to edit")
+  timings = {}
+  t0 = time.perf_counter()
+  x = _prepare_image(image, size)
+  for name, p in (("source", source_prompt), ("target", target_prompt)):
+    _warn_long_prompt(model.tokenizer, name, p, announce)
+  edit_tokens = prompts.find_edit_tokens(
+    model.tokenizer,
+    source_prompt,
+    target_prompt,
+    edit_words=edit_words,
+    token_positions=token_positions,
+    subtokens="last" if config.edit_token_last_subtoken else "all",
+  )
+  announce(edit_tokens.explanation)
+  ctx = encode_prompts(model, [source_prompt, target_prompt])
+  z_src = encode_image(model, x)
+  inputs = core.EditInputs(z_src, ctx[0], ctx[1], jnp.asarray(edit_tokens.token_mask()))
+  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+  jax.block_until_ready(inputs)
+  timings["encode_s"] = time.perf_counter() - t0
+
+  n = config.num_steps
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=f"LUSD {len(seeds)} seed(s)", unit="step", dynamic_ncols=True)
+    chunk_size = chunk_size or max(1, min(25, n // 10 or 1))
+
+  def on_chunk(done, state):
+    if bar is not None:
+      bar.update(done - bar.n)
+
+  t1 = time.perf_counter()
+  try:
+    out = core.optimize(
+      core.FlaxUNet(model.configs.unet, model.dtype),
+      model.params.unet,
+      inputs,
+      keys,
+      config,
+      schedule=model.configs.schedule,
+      noise_fn=noise_fn,
+      snapshot_every=snapshot_every,
+      chunk_size=chunk_size,
+      seed_ids=seeds,
+      on_chunk=on_chunk,
+    )
+  finally:
+    if bar is not None:
+      bar.close()
+  timings["optimize_s"] = time.perf_counter() - t1
+
+  t2 = time.perf_counter()
+  images = decode_latents(model, out.z)
+  snapshots = None
+  if out.z_snapshots is not None:
+    s, k = out.z_snapshots.shape[:2]
+    flat = decode_latents(model, out.z_snapshots.reshape((s * k,) + out.z_snapshots.shape[2:]))
+    snapshots = flat.reshape((s, k) + flat.shape[1:])
+  timings["decode_s"] = time.perf_counter() - t2
+  return EditResult(
+    images=images,
+    latents=out.z,
+    input_image=x,
+    source_prompt=source_prompt,
+    target_prompt=target_prompt,
+    seeds=seeds,
+    rejections=out.rejections,
+    timesteps=out.t,
+    hit_max_attempts=out.hit_max_attempts.any(axis=1),
+    mask=None if edit_tokens.uniform else out.mask,
+    snapshots=snapshots,
+    snapshot_steps=out.snapshot_steps,
+    edit_tokens=edit_tokens,
+    config=config,
+    timings=timings,
+  )
+
+
+def run_record(result: EditResult, model: SDModel, model_id: str | None = None) -> dict:
+  """The JSON run record of an edit: inputs, resolved edit tokens, config, statistics, versions."""
+  import dataclasses
+
+  import flax
+
+  et = result.edit_tokens
+  return {
+    "model": model_id or model.name,
+    "dtype": model.dtype,
+    "random_weights": model.is_random,
+    "seeds": list(result.seeds),
+    "edit_tokens": {
+      "differing_words": list(et.differing_words),
+      "edit_words": list(et.edit_words),
+      "positions": list(et.positions),
+      "dropped_words": list(et.dropped_words),
+      "source": et.source,
+      "explanation": et.explanation,
+    },
+    "config": dataclasses.asdict(result.config),
+    "rejections_per_step": result.rejections.tolist(),
+    "timestep_per_step": result.timesteps.tolist(),
+    "total_rejections": [int(r.sum()) for r in result.rejections],
+    "hit_max_attempts": [bool(h) for h in result.hit_max_attempts],
+    "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+    "versions": {
+      "lusd_jax": _version(),
+      "jax": jax.__version__,
+      "flax": flax.__version__,
+      "python": platform.python_version(),
+      "backend": jax.default_backend(),
+    },
+  }
+
+
+def _version() -> str:
+  from lusd_jax import __version__
+
+  return __version__
