@@ -134,6 +134,7 @@ def _run_edit_and_save(model, image, source, target, edit_words, seeds, config, 
       config=config,
       edit_words=edit_words,
       snapshot_every=args.save_step or None,
+      size=args.size,
       progress=not args.quiet,
       announce=print,
   )

@@ -240,6 +240,9 @@ def run_record(result: EditResult, model: SDModel, model_id: str | None = None) 
 
   et = result.edit_tokens
   return {
+    "source_prompt": result.source_prompt,
+    "target_prompt": result.target_prompt,
+    "image_size": list(result.input_image.shape[:2]),
     "model": model_id or model.name,
     "dtype": model.dtype,
     "random_weights": model.is_random,

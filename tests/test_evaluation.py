@@ -2,7 +2,6 @@
 
 import argparse
 import csv
-import importlib.util
 import math
 import os
 import subprocess
@@ -325,17 +324,6 @@ def test_eval_command(bench, tiny_clip, tmp_path, capsys):
     parser.parse_args(["--results", "x", "--dataset", "y", "--seed", "first"])
 
 
-def _cli_can_batch() -> bool:
-  # Guard for the days before the editing pipeline lands; remove once `lusd-jax batch` runs.
-  if importlib.util.find_spec("lusd_jax.cli") is None:
-    return False
-  from lusd_jax import cli, pipeline
-
-  commands = cli.build_parser()._subparsers._group_actions[0].choices
-  return {"batch", "eval"} <= set(commands) and hasattr(pipeline, "edit")
-
-
-@pytest.mark.skipif(not _cli_can_batch(), reason="lusd-jax batch / eval are not runnable yet")
 def test_cli_batch_then_eval(bench, tmp_path):
   results = tmp_path / "lusd"
   edit = subprocess.run(
