@@ -1,7 +1,7 @@
 """lusd-jax: LUSD text-guided image editing on Stable Diffusion, in JAX/Flax.
 
-    model = lusd_jax.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    res = lusd_jax.edit(model, "cat.png", "a cat", "a cat wearing a party hat", seeds=[0, 1, 2])
+model = lusd_jax.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+res = lusd_jax.edit(model, "cat.png", "a cat", "a cat wearing a party hat", seeds=[0, 1, 2])
 """
 
 __version__ = "0.1.0"

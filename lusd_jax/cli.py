@@ -35,19 +35,52 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     kind = type(default)
     help_text = f.metadata.get("help", "") if f.metadata else ""
     if kind is bool:
-      g.add_argument(_config_flag_name(f.name), dest=f"cfg_{f.name}", default=None, action=argparse.BooleanOptionalAction, help=help_text)
+      g.add_argument(
+        _config_flag_name(f.name),
+        dest=f"cfg_{f.name}",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help=help_text,
+      )
     elif kind in (int, float, str):
-      g.add_argument(_config_flag_name(f.name), dest=f"cfg_{f.name}", default=None, type=kind, metavar=kind.__name__.upper(), help=f"{help_text} (default {default})".strip())
+      g.add_argument(
+        _config_flag_name(f.name),
+        dest=f"cfg_{f.name}",
+        default=None,
+        type=kind,
+        metavar=kind.__name__.upper(),
+        help=f"{help_text} (default {default})".strip(),
+      )
 
 
 def _add_common_arguments(p: argparse.ArgumentParser) -> None:
   from lusd_jax import loading
 
-  p.add_argument("--model", default=loading.DEFAULT_MODEL, help="diffusers folder, converted folder, hub id, or tiny-random (default %(default)s)")
+  p.add_argument(
+    "--model",
+    default=loading.DEFAULT_MODEL,
+    help="diffusers folder, converted folder, hub id, or tiny-random (default %(default)s)",
+  )
   p.add_argument("--dtype", default="float32", choices=sorted(loading.DTYPES))
-  p.add_argument("--preset", default="paper", choices=["paper", "official"], help="paper: as the paper's text; official: as the public PyTorch code")
-  p.add_argument("--size", type=int, default=512, help="image side after center crop, a multiple of 64 (default %(default)s)")
-  p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: --init-seed .. --init-seed + --num-seed - 1)")
+  p.add_argument(
+    "--preset",
+    default="paper",
+    choices=["paper", "official"],
+    help="paper: as the paper's text; official: as the public PyTorch code",
+  )
+  p.add_argument(
+    "--size",
+    type=int,
+    default=512,
+    help="image side after center crop, a multiple of 64 (default %(default)s)",
+  )
+  p.add_argument(
+    "--seeds",
+    type=int,
+    nargs="+",
+    default=None,
+    help="seeds to run (default: --init-seed .. --init-seed + --num-seed - 1)",
+  )
   p.add_argument("--init-seed", type=int, default=0)
   p.add_argument("--num-seed", type=int, default=1)
   p.add_argument("--save-step", type=int, default=0, help="save progress snapshots every N steps (0: off)")
@@ -59,16 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="lusd-jax", description="LUSD text-guided image editing on Stable Diffusion, in JAX.")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-  e = sub.add_parser("edit", help="edit one image", description="Edit one image: lusd-jax edit IMAGE --source ... --target ...")
+  e = sub.add_parser(
+    "edit", help="edit one image", description="Edit one image: lusd-jax edit IMAGE --source ... --target ..."
+  )
   e.add_argument("image", nargs="?", help="input image (any format PIL reads)")
   e.add_argument("--example", default=None, help="use a bundled example instead of IMAGE: cat, coffee")
   e.add_argument("--source", default=None, help="source prompt (describes the input; may be empty)")
   e.add_argument("--target", default=None, help="target prompt (describes the edit)")
-  e.add_argument("--edit-words", default=None, help='words of the target prompt to localize the edit on, e.g. "party hat"')
+  e.add_argument(
+    "--edit-words", default=None, help='words of the target prompt to localize the edit on, e.g. "party hat"'
+  )
   e.add_argument("--out", default="outputs", help="output folder (default %(default)s)")
   _add_common_arguments(e)
 
-  b = sub.add_parser("batch", help="edit every row of an index.csv", description="Edit every row of DIR/index.csv (img_path,source_prompt,target_prompt[,edit_words]).")
+  b = sub.add_parser(
+    "batch",
+    help="edit every row of an index.csv",
+    description="Edit every row of DIR/index.csv (img_path,source_prompt,target_prompt[,edit_words]).",
+  )
   b.add_argument("--input-dir", required=True)
   b.add_argument("--output-dir", required=True)
   _add_common_arguments(b)
@@ -95,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _seeds(args) -> list[int]:
   from lusd_jax.io import InputError
 
-  seeds = args.seeds if args.seeds is not None else list(range(args.init_seed, args.init_seed + args.num_seed))
+  seeds = (
+    args.seeds if args.seeds is not None else list(range(args.init_seed, args.init_seed + args.num_seed))
+  )
   if not seeds:
     raise InputError("--seeds: give at least one seed")
   if len(set(seeds)) != len(seeds):
@@ -107,7 +150,11 @@ def _config(args):
   from lusd_jax.lusd.config import LUSDConfig
 
   base = LUSDConfig.official() if args.preset == "official" else LUSDConfig()
-  overrides = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(LUSDConfig) if getattr(args, f"cfg_{f.name}", None) is not None}
+  overrides = {
+    f.name: getattr(args, f"cfg_{f.name}")
+    for f in dataclasses.fields(LUSDConfig)
+    if getattr(args, f"cfg_{f.name}", None) is not None
+  }
   return dataclasses.replace(base, **overrides)  # validates (LUSDConfig.__post_init__)
 
 
@@ -115,28 +162,33 @@ def _load_model(args):
   from lusd_jax import loading
 
   if args.model == loading.TINY_RANDOM:
-    print("note: --model tiny-random has random weights: the pipeline runs end to end, but the pictures are meaningless.", file=sys.stderr)
+    print(
+      "note: --model tiny-random has random weights: the pipeline runs end to end, but the pictures are meaningless.",
+      file=sys.stderr,
+    )
   return loading.load_model(args.model, dtype=args.dtype)
 
 
-def _run_edit_and_save(model, image, source, target, edit_words, seeds, config, args, out_dir, name_fn, title_prefix=""):
+def _run_edit_and_save(
+  model, image, source, target, edit_words, seeds, config, args, out_dir, name_fn, title_prefix=""
+):
   """Runs one edit and writes its files; returns the `EditResult`."""
   import numpy as np
 
   from lusd_jax import io, pipeline, visual
 
   result = pipeline.edit(
-      model,
-      image,
-      source,
-      target,
-      seeds=seeds,
-      config=config,
-      edit_words=edit_words,
-      snapshot_every=args.save_step or None,
-      size=args.size,
-      progress=not args.quiet,
-      announce=print,
+    model,
+    image,
+    source,
+    target,
+    seeds=seeds,
+    config=config,
+    edit_words=edit_words,
+    snapshot_every=args.save_step or None,
+    size=args.size,
+    progress=not args.quiet,
+    announce=print,
   )
   os.makedirs(out_dir, exist_ok=True)
   for i, s in enumerate(seeds):
@@ -146,13 +198,20 @@ def _run_edit_and_save(model, image, source, target, edit_words, seeds, config, 
   captions = ["input"] + [f"seed {s}" for s in seeds]
   if result.mask is not None:
     tiles.append(visual.mask_overlay(result.input_image, np.asarray(result.mask[0])))
-    captions.append("edit mask (seed %d)" % seeds[0])
-  io.save_png(os.path.join(out_dir, f"{base}grid.png"), visual.grid(tiles, captions, title=f'{title_prefix}"{source}" -> "{target}"'))
+    captions.append(f"edit mask (seed {seeds[0]})")
+  io.save_png(
+    os.path.join(out_dir, f"{base}grid.png"),
+    visual.grid(tiles, captions, title=f'{title_prefix}"{source}" -> "{target}"'),
+  )
   if result.snapshots is not None:
     for i, s in enumerate(seeds):
-      strip = visual.snapshot_strip(result.input_image, list(result.snapshots[i]), list(result.snapshot_steps))
+      strip = visual.snapshot_strip(
+        result.input_image, list(result.snapshots[i]), list(result.snapshot_steps)
+      )
       io.save_png(os.path.join(out_dir, f"{base}snapshots_seed{s}.png"), strip)
-  io.write_json_atomic(os.path.join(out_dir, f"{base}run.json"), pipeline.run_record(result, model, args.model))
+  io.write_json_atomic(
+    os.path.join(out_dir, f"{base}run.json"), pipeline.run_record(result, model, args.model)
+  )
   return result
 
 
@@ -183,7 +242,18 @@ def cmd_edit(args) -> int:
   config = _config(args)
   model = _load_model(args)
   t0 = time.time()
-  _run_edit_and_save(model, image, source, target, edit_words, seeds, config, args, args.out, lambda s: "" if s is None else f"edit_seed{s}.png")
+  _run_edit_and_save(
+    model,
+    image,
+    source,
+    target,
+    edit_words,
+    seeds,
+    config,
+    args,
+    args.out,
+    lambda s: "" if s is None else f"edit_seed{s}.png",
+  )
   print(f"wrote {args.out}/grid.png and {len(seeds)} edited image(s) in {time.time() - t0:.1f} s")
   return 0
 
@@ -207,19 +277,21 @@ def cmd_batch(args) -> int:
       if row.problem:
         raise io.InputError(f"index.csv row {row.row}: {row.problem}")
       image = io.load_image(row.img_path, args.size)
-      print(f"[row {row.row}] {os.path.basename(row.img_path)}: {row.source_prompt!r} -> {row.target_prompt!r}")
+      print(
+        f"[row {row.row}] {os.path.basename(row.img_path)}: {row.source_prompt!r} -> {row.target_prompt!r}"
+      )
       _run_edit_and_save(
-          model,
-          image,
-          row.source_prompt,
-          row.target_prompt,
-          row.edit_words,
-          todo,
-          config,
-          args,
-          args.output_dir,
-          lambda s, r=row.row: f"{r:03d}_" if s is None else io.output_name(r, s),
-          title_prefix=f"{row.row:03d}: ",
+        model,
+        image,
+        row.source_prompt,
+        row.target_prompt,
+        row.edit_words,
+        todo,
+        config,
+        args,
+        args.output_dir,
+        lambda s, r=row.row: f"{r:03d}_" if s is None else io.output_name(r, s),
+        title_prefix=f"{row.row:03d}: ",
       )
       done += 1
     except (io.InputError, ValueError) as e:

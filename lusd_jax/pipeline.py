@@ -73,6 +73,8 @@ class EditResult(NamedTuple):
   hit_max_attempts: np.ndarray  # [S] bool: some step accepted after max_attempts draws
   mask: np.ndarray | None  # [S, h, w] final moving-average mask (None: no edit words)
   snapshots: np.ndarray | None  # [S, K, H, W, 3] decoded snapshots every `snapshot_every` steps
+  latent_snapshots: np.ndarray | None  # [S, K, h, w, 4] latents at the snapshots
+  mask_snapshots: np.ndarray | None  # [S, K, h, w] moving-average mask M_k at the snapshots
   snapshot_steps: tuple[int, ...]
   edit_tokens: Any  # prompts.EditTokens
   config: Any  # LUSDConfig
@@ -181,8 +183,12 @@ def edit(
     bar = tqdm(total=n, desc=f"LUSD {len(seeds)} seed(s)", unit="step", dynamic_ncols=True)
     chunk_size = chunk_size or max(1, min(25, n // 10 or 1))
 
-  def on_chunk(done, state):
+  rejected = [0]
+
+  def on_chunk(done, state, stats):
+    rejected[0] += int(np.asarray(stats.rejections)[:, : done - bar.n].sum()) if bar is not None else 0
     if bar is not None:
+      bar.set_postfix(rejections=rejected[0], refresh=False)
       bar.update(done - bar.n)
 
   t1 = time.perf_counter()
@@ -225,6 +231,8 @@ def edit(
     hit_max_attempts=out.hit_max_attempts.any(axis=1),
     mask=None if edit_tokens.uniform else out.mask,
     snapshots=snapshots,
+    latent_snapshots=out.z_snapshots,
+    mask_snapshots=out.mask_snapshots,
     snapshot_steps=out.snapshot_steps,
     edit_tokens=edit_tokens,
     config=config,

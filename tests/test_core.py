@@ -398,7 +398,7 @@ def test_identical_prompts_official_accepts_the_zero_update(params, inputs):
 def test_optimize_reports_progress_and_snapshots(params, inputs):
   seen = []
   out = run_compiled(
-    params, inputs, LUSDConfig(num_steps=N, lr=LR), on_chunk=lambda done, state: seen.append(done)
+    params, inputs, LUSDConfig(num_steps=N, lr=LR), on_chunk=lambda done, state, stats: seen.append(done)
   )
   assert seen == list(range(1, N + 1)) and out.snapshot_steps == tuple(seen)
   assert out.z_snapshots.shape == (1, N, H, W, 4) and out.mask_snapshots.shape == (1, N, H, W)

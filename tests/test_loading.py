@@ -51,7 +51,10 @@ def test_bin_weights_load_like_safetensors(tiny_sd1_dir, tmp_path):
   folder = tmp_path / "bin"
   shutil.copytree(tiny_sd1_dir, folder)
   st = folder / "unet" / "diffusion_pytorch_model.safetensors"
-  torch.save({k: torch.from_numpy(v) for k, v in load_file(st).items()}, folder / "unet" / "diffusion_pytorch_model.bin")
+  torch.save(
+    {k: torch.from_numpy(v) for k, v in load_file(st).items()},
+    folder / "unet" / "diffusion_pytorch_model.bin",
+  )
   st.unlink()
   a = loading.load_model(tiny_sd1_dir).params.unet
   b = loading.load_model(str(folder)).params.unet
@@ -110,8 +113,8 @@ def test_unsupported_architecture_names_the_key(tiny_sd1_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "arg, pattern",
-    [("./no/such/folder", "no such folder"), ("float32", "no such folder"), ("a/b/c", "no such folder")],
+  "arg, pattern",
+  [("./no/such/folder", "no such folder"), ("float32", "no such folder"), ("a/b/c", "no such folder")],
 )
 def test_unknown_model_path(arg, pattern):
   with pytest.raises(loading.ModelLoadError, match=pattern):

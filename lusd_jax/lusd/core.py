@@ -388,7 +388,7 @@ def optimize(
   snapshot_every: int | None = None,
   chunk_size: int | None = None,
   seed_ids: Sequence[Any] | None = None,
-  on_chunk: Callable[[int, EditState], None] | None = None,
+  on_chunk: Callable[[int, EditState, StepStats], None] | None = None,
 ) -> EditOutput:
   """Runs LUSD on latents, checking for NaN/inf after each chunk of steps.
 
@@ -405,7 +405,8 @@ def optimize(
     chunk_size: steps per compiled call when no snapshots are asked (default: all N at once); the
       host regains control between chunks (`on_chunk`).
     seed_ids: labels of the seeds for error messages (default 0..S-1).
-    on_chunk: called as on_chunk(steps_done, state_S) after each chunk (progress bars).
+    on_chunk: called as on_chunk(steps_done, state_S, chunk_stats) after each chunk (progress bars);
+      chunk_stats is the chunk's `StepStats` as numpy [S, chunk].
 
   Returns:
     `EditOutput`.
@@ -445,7 +446,7 @@ def optimize(
       snaps_m.append(np.asarray(state.mask_ema))
       snap_steps.append(done)
     if on_chunk is not None:
-      on_chunk(done, state)
+      on_chunk(done, state, chunk_stats)
 
   stats = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1)[:, :n], *stats)
   return EditOutput(
