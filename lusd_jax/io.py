@@ -348,6 +348,10 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary:
       write(f)
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp creates 0600 files; give outputs the usual permissions (0666 less the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 import io as _io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -464,3 +465,15 @@ def test_examples_load_from_skimage():
 def test_unknown_example_lists_the_choices():
   with pytest.raises(lio.InputError, match="choose one of: cat, coffee"):
     examples.get_example("dog")
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+  # mkstemp makes 0600 files; outputs must get the usual 0666 & ~umask like any other file.
+  umask = os.umask(0o022)
+  try:
+    png = lio.save_png(tmp_path / "a.png", np.zeros((4, 4, 3), np.float32))
+    js = lio.write_json_atomic(tmp_path / "a.json", {"a": 1})
+  finally:
+    os.umask(umask)
+  assert png.stat().st_mode & 0o777 == 0o644
+  assert js.stat().st_mode & 0o777 == 0o644
