@@ -10,5 +10,16 @@ from lusd_jax import prompts  # noqa: E402
 from lusd_jax.loading import ModelLoadError, SDModel, load_model  # noqa: E402
 from lusd_jax.lusd.config import LUSDConfig  # noqa: E402
 from lusd_jax.pipeline import EditResult, edit  # noqa: E402
+from lusd_jax.sweeps import SweepResult, sweep  # noqa: E402
 
-__all__ = ["EditResult", "LUSDConfig", "ModelLoadError", "SDModel", "edit", "load_model", "prompts"]
+__all__ = [
+  "EditResult",
+  "LUSDConfig",
+  "ModelLoadError",
+  "SDModel",
+  "SweepResult",
+  "edit",
+  "load_model",
+  "prompts",
+  "sweep",
+]

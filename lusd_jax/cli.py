@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--dtype", default="float32")
   c.add_argument("--single-file-config", default=None)
 
+  from lusd_jax.sweeps import add_sweep_arguments
+
+  add_sweep_arguments(
+    sub.add_parser(
+      "sweep", help="edit one image over a grid of hyperparameters x seeds (one compiled program)"
+    )
+  )
+
   try:
     from lusd_jax import evaluation
   except ImportError:  # evaluation extras missing
@@ -318,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
   from lusd_jax import io, loading
 
   handlers = {"edit": cmd_edit, "batch": cmd_batch, "convert": cmd_convert}
+  if args.command == "sweep":
+    from lusd_jax.sweeps import sweep_command
+
+    handlers["sweep"] = sweep_command
   if args.command == "eval":
     from lusd_jax import evaluation
 

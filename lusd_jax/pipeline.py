@@ -96,6 +96,63 @@ def _warn_long_prompt(tokenizer, name: str, prompt: str, announce) -> None:
     )
 
 
+class PreparedEdit(NamedTuple):
+  """An edit's checked, preprocessed and encoded inputs (shared by `edit` and `sweep`)."""
+
+  seeds: tuple[int, ...]
+  image: np.ndarray  # [H, W, 3] float32 in [0, 1], preprocessed
+  edit_tokens: Any  # prompts.EditTokens
+  inputs: Any  # core.EditInputs
+  keys: jax.Array  # [S] PRNG keys, jax.random.key(seed)
+
+
+def prepare_edit(
+  model: SDModel,
+  image,
+  source_prompt: str,
+  target_prompt: str,
+  seeds,
+  config,
+  edit_words: str | None = None,
+  *,
+  token_positions=None,
+  size: int = 512,
+  announce=None,
+) -> PreparedEdit:
+  """Checks the inputs, preprocesses the image, finds the edit tokens and encodes image and prompts.
+
+  Raises:
+    io.InputError: no seeds, an empty target prompt, target == source, a bad image or size.
+  """
+  from lusd_jax.lusd import core
+
+  announce = announce or (lambda _msg: None)
+  seeds = tuple(int(s) for s in seeds)
+  if not seeds:
+    raise io.InputError("seeds: give at least one seed")
+  if target_prompt.strip() == "":
+    raise io.InputError("the target prompt is empty")
+  if target_prompt.strip() == source_prompt.strip():
+    raise io.InputError("the target prompt equals the source prompt: there is nothing to edit")
+  x = _prepare_image(image, size)
+  for name, p in (("source", source_prompt), ("target", target_prompt)):
+    _warn_long_prompt(model.tokenizer, name, p, announce)
+  edit_tokens = prompts.find_edit_tokens(
+    model.tokenizer,
+    source_prompt,
+    target_prompt,
+    edit_words=edit_words,
+    token_positions=token_positions,
+    subtokens="last" if config.edit_token_last_subtoken else "all",
+  )
+  announce(edit_tokens.explanation)
+  ctx = encode_prompts(model, [source_prompt, target_prompt])
+  z_src = encode_image(model, x)
+  inputs = core.EditInputs(z_src, ctx[0], ctx[1], jnp.asarray(edit_tokens.token_mask()))
+  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+  return PreparedEdit(seeds, x, edit_tokens, inputs, keys)
+
+
 def edit(
   model: SDModel,
   image,
@@ -112,6 +169,7 @@ def edit(
   progress: bool = False,
   announce=None,
   chunk_size: int | None = None,
+  mesh=None,
 ) -> EditResult:
   """Edits `image` from `source_prompt` to `target_prompt` with LUSD, once per seed (vmapped).
 
@@ -132,6 +190,7 @@ def edit(
     progress: show a progress bar over the optimization steps.
     announce: where to print the one-line notes (edit tokens, long prompts); default: nowhere.
     chunk_size: steps per compiled call (the progress bar moves between chunks).
+    mesh: a `sharding.data_mesh()` to spread the seeds over devices (params replicated).
 
   Returns:
     `EditResult`.
@@ -147,31 +206,13 @@ def edit(
 
   config = LUSDConfig() if config is None else config
   announce = announce or (lambda _msg: None)
-  seeds = tuple(int(s) for s in seeds)
-  if not seeds:
-    raise io.InputError("seeds: give at least one seed")
-  if target_prompt.strip() == "":
-    raise io.InputError("the target prompt is empty")
-  if target_prompt.strip() == source_prompt.strip():
-    raise io.InputError("the target prompt equals the source prompt: there is nothing to edit")
   timings = {}
   t0 = time.perf_counter()
-  x = _prepare_image(image, size)
-  for name, p in (("source", source_prompt), ("target", target_prompt)):
-    _warn_long_prompt(model.tokenizer, name, p, announce)
-  edit_tokens = prompts.find_edit_tokens(
-    model.tokenizer,
-    source_prompt,
-    target_prompt,
-    edit_words=edit_words,
-    token_positions=token_positions,
-    subtokens="last" if config.edit_token_last_subtoken else "all",
-  )
-  announce(edit_tokens.explanation)
-  ctx = encode_prompts(model, [source_prompt, target_prompt])
-  z_src = encode_image(model, x)
-  inputs = core.EditInputs(z_src, ctx[0], ctx[1], jnp.asarray(edit_tokens.token_mask()))
-  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+  prep = prepare_edit(
+    model, image, source_prompt, target_prompt, seeds, config, edit_words,
+    token_positions=token_positions, size=size, announce=announce,
+  )  # fmt: skip
+  seeds, x, edit_tokens, inputs, keys = prep
   jax.block_until_ready(inputs)
   timings["encode_s"] = time.perf_counter() - t0
 
@@ -192,8 +233,13 @@ def edit(
       bar.update(done - bar.n)
 
   t1 = time.perf_counter()
+  optimize = core.optimize
+  if mesh is not None:
+    from lusd_jax import sharding
+
+    optimize = functools.partial(sharding.sharded_optimize, mesh=mesh)
   try:
-    out = core.optimize(
+    out = optimize(
       core.FlaxUNet(model.configs.unet, model.dtype),
       model.params.unet,
       inputs,
