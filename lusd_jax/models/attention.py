@@ -1,18 +1,45 @@
 """Multi-head attention shared by the U-Net, the VAE and the CLIP text encoder.
 
-Two paths with one meaning: `dot_product_attention` picks the fastest path JAX offers
-(`jax.nn.dot_product_attention`, cuDNN flash attention on GPU where it applies) for layers whose
-maps nobody reads; `attention_with_probs` computes the softmax probabilities explicitly and returns
-them, for the layers whose maps are captured. Both take and return `[B, T, N, H]` tensors
-(batch, query tokens, heads, head dim).
+Two entry points with one meaning: `dot_product_attention` runs whichever implementation is asked
+for (or the fastest one for the backend, "auto") for layers whose maps nobody reads;
+`attention_with_probs` computes the softmax probabilities explicitly and returns them, for the
+layers whose maps are captured, and is the float32 ground truth of every implementation. All take
+and return `[B, T, N, H]` tensors (batch, query tokens, heads, head dim).
+
+Implementations of `dot_product_attention` (a registry by name, as maxdiffusion chooses kernels):
+
+  "xla"        `jax.nn.dot_product_attention`: XLA's softmax attention; materializes the
+               [B, N, T, S] scores (1 GiB float32 for SD1.5's 64x64 layers at batch 2).
+  "cudnn"      cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, fp16 /
+               bf16, head dim a multiple of 8, at most 128, or 256 from Hopper on).
+  "chunked"    `chunked_attention`: query blocks under `lax.map`, each streaming over key blocks
+               with an online softmax in float32 (flash attention written in jnp); memory
+               O(q_chunk x kv_chunk) per block instead of O(T x S). The fast path on CPU.
+  "reference"  `attention_with_probs` without the probabilities (debugging).
+  "auto"       `resolve_impl`: cudnn on GPU where it applies, chunked on CPU for long sequences,
+               xla otherwise.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn", "reference")
+IMPLEMENTATIONS = ("xla", "cudnn", "reference", "chunked", "auto")
+
+# Query rows and key columns per block of `chunked_attention`. Measured on a 2-core AMD EPYC
+# (benchmarks/RESULTS.md): for SD1.5's 64x64 self-attention (B=2, N=8, T=S=4096, H=40) blocks of
+# 256 x 512 run about 3x faster than "xla" (whose 1 GiB of float32 scores leave the cache), and
+# the working set per block is 2 * 8 * 256 * 512 * 4 B = 8 MiB.
+DEFAULT_Q_CHUNK = 256
+DEFAULT_KV_CHUNK = 512
+# "auto" on CPU switches to "chunked" from this many scores per (batch, head): T * S >= 512 * 512.
+# Below it the whole score matrix fits in cache and XLA's single pass is as fast.
+CHUNKED_MIN_SCORES = 512 * 512
+# cuDNN flash attention's head-dim limits (jax._src.cudnn.fused_attention_stablehlo).
+_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 
 
 def attention_with_probs(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, upcast: bool = True):
@@ -33,15 +60,192 @@ def attention_with_probs(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, upcast
   return out_BTNH, probs_BNTS
 
 
-def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, impl: str = "xla"):
-  """Attention without returning probabilities, through the fastest available path.
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _attend_block(q_BNQH, q0, k_DBNKH, v_DBNKH, *, s: int, causal: bool, scale: float):
+  """Attention of one query block [q0, q0 + Q) over all keys, key block by key block.
+
+  Online softmax (flash attention): a running row max m, row sum l and unnormalized output o, all
+  float32; each key block rescales them by exp(m_old - m_new). Keys at positions >= s are padding
+  and get no weight. With `causal`, key j is visible to query i when j <= i, so key 0 is visible to
+  every row and m is finite after the first block.
 
   Args:
-    impl: "xla" (XLA's fused softmax attention), "cudnn" (flash attention on NVIDIA GPUs; needs
-      fp16/bf16 and a supported head dim), or "reference" (explicit softmax, for debugging).
+    q_BNQH: [B, N, Q, H] queries.
+    q0: int32 scalar, position of the block's first query.
+    k_DBNKH, v_DBNKH: [D, B, N, K, H] keys and values in D blocks of K (padded to D * K >= s).
+    s: the number of real keys.
+    causal: mask keys after the query.
+    scale: factor on the float32 scores (1.0 when q is already scaled).
+
+  Returns:
+    [B, N, Q, H] float32.
   """
-  if impl == "reference":
-    return attention_with_probs(q_BTNH, k_BSNH, v_BSNH, causal=causal)[0]
+  b, n, q, h = q_BNQH.shape
+  d, _, _, kb, _ = k_DBNKH.shape
+  neg = jnp.finfo(jnp.float32).min
+  pad = d * kb > s
+  rows_Q = q0 + jnp.arange(q, dtype=jnp.int32)
+
+  def body(carry, xs):
+    m_BNQ1, l_BNQ1, o_BNQH = carry
+    k_BNKH, v_BNKH, k0 = xs
+    scores_BNQK = jnp.einsum("BNQH,BNKH->BNQK", q_BNQH, k_BNKH, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+      scores_BNQK = scores_BNQK * scale
+    if pad or causal:
+      cols_K = k0 + jnp.arange(kb, dtype=jnp.int32)
+      visible_QK = jnp.broadcast_to(cols_K[None, :] < s, (q, kb))
+      if causal:
+        visible_QK = visible_QK & (cols_K[None, :] <= rows_Q[:, None])
+      scores_BNQK = jnp.where(visible_QK, scores_BNQK, neg)
+    m_new_BNQ1 = jnp.maximum(m_BNQ1, jnp.max(scores_BNQK, axis=-1, keepdims=True))
+    p_BNQK = jnp.exp(scores_BNQK - m_new_BNQ1)
+    if pad or causal:
+      # exp(neg - m) is 0 unless the whole row was masked so far; make masked keys exactly 0.
+      p_BNQK = jnp.where(visible_QK, p_BNQK, 0.0)
+    rescale_BNQ1 = jnp.exp(m_BNQ1 - m_new_BNQ1)
+    l_BNQ1 = l_BNQ1 * rescale_BNQ1 + jnp.sum(p_BNQK, axis=-1, keepdims=True)
+    pv_BNQH = jnp.einsum(
+      "BNQK,BNKH->BNQH", p_BNQK.astype(v_BNKH.dtype), v_BNKH, preferred_element_type=jnp.float32
+    )
+    return (m_new_BNQ1, l_BNQ1, o_BNQH * rescale_BNQ1 + pv_BNQH), None
+
+  init = (
+    jnp.full((b, n, q, 1), neg, jnp.float32),
+    jnp.zeros((b, n, q, 1), jnp.float32),
+    jnp.zeros((b, n, q, h), jnp.float32),
+  )
+  starts_D = jnp.arange(d, dtype=jnp.int32) * kb
+  if d == 1:  # one key block: no loop
+    (_, l_BNQ1, o_BNQH), _ = body(init, (k_DBNKH[0], v_DBNKH[0], starts_D[0]))
+  else:
+    (_, l_BNQ1, o_BNQH), _ = jax.lax.scan(body, init, (k_DBNKH, v_DBNKH, starts_D))
+  return o_BNQH / l_BNQ1
+
+
+def chunked_attention(
+  q_BTNH,
+  k_BSNH,
+  v_BSNH,
+  *,
+  causal: bool = False,
+  q_chunk: int = DEFAULT_Q_CHUNK,
+  kv_chunk: int = DEFAULT_KV_CHUNK,
+):
+  """Memory-lean attention: query blocks under `lax.map`, online softmax over key blocks.
+
+  Equal to `attention_with_probs(...)[0]` up to float32 rounding (scores, softmax and the value
+  accumulation are float32 whatever the input dtype; probabilities are cast to v's dtype before the
+  value product, as `attention_with_probs` does). Lengths need not divide the block sizes: queries
+  are padded and sliced off, padded keys get no weight. Each query block is rematerialized
+  (`jax.checkpoint`) so gradients stay lean too.
+
+  Args:
+    q_BTNH: [B, T, N, H] queries.
+    k_BSNH, v_BSNH: [B, S, N, H] keys and values.
+    causal: query i sees keys j <= i (the top-left aligned `jnp.tril` mask).
+    q_chunk: query rows per block (capped at T).
+    kv_chunk: key columns per block (capped at S).
+
+  Returns:
+    out_BTNH: [B, T, N, H] in q's dtype.
+
+  Example:
+    >>> q = k = v = jnp.ones((2, 1000, 8, 40))
+    >>> chunked_attention(q, k, v).shape
+    (2, 1000, 8, 40)
+  """
+  b, t, n, h = q_BTNH.shape
+  s = k_BSNH.shape[1]
+  q_chunk, kv_chunk = max(1, min(q_chunk, t)), max(1, min(kv_chunk, s))
+  c, d = _cdiv(t, q_chunk), _cdiv(s, kv_chunk)
+
+  # Float32 queries take the 1 / sqrt(H) scale for free; lower precisions scale the float32 scores
+  # (as `attention_with_probs` and `jax.nn.dot_product_attention` do) to avoid a rounding.
+  prescale = q_BTNH.dtype == jnp.float32
+  scale = h**-0.5
+  qp_BTNH = jnp.pad(q_BTNH * scale if prescale else q_BTNH, ((0, 0), (0, c * q_chunk - t), (0, 0), (0, 0)))
+  q_CBNQH = qp_BTNH.reshape(b, c, q_chunk, n, h).transpose(1, 0, 3, 2, 4)
+
+  def blocks(x_BSNH):
+    x_BSNH = jnp.pad(x_BSNH, ((0, 0), (0, d * kv_chunk - s), (0, 0), (0, 0)))
+    return x_BSNH.reshape(b, d, kv_chunk, n, h).transpose(1, 0, 3, 2, 4)
+
+  k_DBNKH, v_DBNKH = blocks(k_BSNH), blocks(v_BSNH)
+  attend = functools.partial(_attend_block, s=s, causal=causal, scale=1.0 if prescale else scale)
+  attend = jax.checkpoint(attend)
+  starts_C = jnp.arange(c, dtype=jnp.int32) * q_chunk
+  out_CBNQH = jax.lax.map(lambda xs: attend(xs[0], xs[1], k_DBNKH, v_DBNKH), (q_CBNQH, starts_C))
+  out_BTNH = out_CBNQH.transpose(1, 0, 3, 2, 4).reshape(b, c * q_chunk, n, h)[:, :t]
+  return out_BTNH.astype(q_BTNH.dtype)
+
+
+def _cudnn_max_head_dim() -> int:
+  """cuDNN flash attention's largest head dim on the default GPU: 256 from Hopper (sm90) on, else 128."""
+  try:
+    major = int(str(jax.devices()[0].compute_capability).split(".")[0])
+  except (AttributeError, ValueError, IndexError):
+    return 128
+  return 256 if major >= 9 else 128
+
+
+def cudnn_supported(q_BTNH, k_BSNH) -> bool:
+  """Whether cuDNN flash attention can take these inputs (dtype and head dim; GPU backend)."""
+  h = q_BTNH.shape[-1]
+  return (
+    jax.default_backend() == "gpu"
+    and q_BTNH.dtype in _CUDNN_DTYPES
+    and k_BSNH.dtype == q_BTNH.dtype
+    and h % 8 == 0
+    and h <= _cudnn_max_head_dim()
+  )
+
+
+def resolve_impl(q_BTNH, k_BSNH, impl: str = "auto") -> str:
+  """The concrete implementation "auto" stands for, for these shapes on the default backend.
+
+  GPU: "cudnn" when `cudnn_supported`, else "xla". CPU (and others): "chunked" when T * S >=
+  `CHUNKED_MIN_SCORES`, else "xla". Any other `impl` is returned unchanged. Decided at trace time
+  from static shapes and dtypes, so it never adds a branch to the compiled program.
+  """
+  if impl != "auto":
+    return impl
+  if jax.default_backend() == "gpu":
+    return "cudnn" if cudnn_supported(q_BTNH, k_BSNH) else "xla"
+  if q_BTNH.shape[1] * k_BSNH.shape[1] >= CHUNKED_MIN_SCORES:
+    return "chunked"
+  return "xla"
+
+
+def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, impl: str = "xla"):
+  """Attention without returning probabilities, through the implementation named `impl`.
+
+  Args:
+    q_BTNH: [B, T, N, H] queries.
+    k_BSNH, v_BSNH: [B, S, N, H] keys and values.
+    causal: query i sees keys j <= i.
+    impl: "xla" (XLA's fused softmax attention), "cudnn" (flash attention on NVIDIA GPUs; needs
+      fp16/bf16 and a supported head dim), "chunked" (`chunked_attention`, memory-lean, fastest on
+      CPU for long sequences), "reference" (explicit softmax, for debugging) or "auto"
+      (`resolve_impl`: cudnn / chunked / xla by backend, dtype and shape).
+
+  Returns:
+    out_BTNH: [B, T, N, H].
+  """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
+  auto = impl == "auto"
+  impl = resolve_impl(q_BTNH, k_BSNH, impl)
+  if impl == "reference":
+    return attention_with_probs(q_BTNH, k_BSNH, v_BSNH, causal=causal)[0]
+  if impl == "chunked":
+    return chunked_attention(q_BTNH, k_BSNH, v_BSNH, causal=causal)
+  if impl == "cudnn" and auto:
+    try:
+      return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=causal, implementation="cudnn")
+    except (NotImplementedError, RuntimeError):  # cuDNN missing or too old for these shapes
+      impl = "xla"
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=causal, implementation=impl)
