@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   from lusd_jax import io, loading
+  from lusd_jax.compilation_cache import enable_compilation_cache
 
+  # Compiled programs persist across runs (~/.cache/lusd_jax/xla; LUSD_JAX_NO_CACHE=1 turns it off).
+  enable_compilation_cache()
   handlers = {"edit": cmd_edit, "batch": cmd_batch, "convert": cmd_convert}
   if args.command == "sweep":
     from lusd_jax.sweeps import sweep_command
