@@ -174,3 +174,14 @@ def test_entry_point_exit_code_and_no_traceback(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error:") and "missing.jpg" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_long_prompt_is_warned_and_truncated(capsys, tmp_path):
+  target = "a cat wearing a party hat " + "with a long striped tail " * 16
+  argv = ["edit", "--example", "cat", "--target", target, *FAST, "--seeds", "0", "1", "--out", str(tmp_path)]
+  code, out, err = _run(capsys, argv)
+  assert code == 0, err
+  warning = [line for line in out.splitlines() if line.startswith("warning: the target prompt has")]
+  assert len(warning) == 1 and "the rest is cut" in warning[0]
+  assert int(warning[0].split()[5]) > 77
+  assert json.loads((tmp_path / "run.json").read_text())["edit_tokens"]["positions"] == [5, 6]
