@@ -1,10 +1,11 @@
 """LUSD edit speed: U-Net forward, compile, per-step time, rejections, memory, edits/s, MFU.
 
 Prints numbers; never a test. Each (config, seeds) measurement runs in a fresh worker process, so
-compile times start cold (from an empty temporary compilation cache), peak memory is that of one
-measurement, and a second worker re-opens the same cache to time a warm start. The PyTorch
-reference (diffusers `UNet2DConditionModel`, SDPA attention, `torch.inference_mode`) runs in its
-own process on the same shapes.
+compile times start cold (from an empty temporary compilation cache) and peak memory is that of one
+measurement; a second worker re-opens the same cache to time a warm start. The PyTorch reference
+(diffusers `UNet2DConditionModel`, SDPA attention, `torch.inference_mode`, same shapes) runs in the
+first worker of each config, timed in turn with the JAX programs so that both see the same load
+(on a shared machine, separate runs minutes apart are not comparable).
 
 What is measured vs extrapolated: the LUSD loop (`core.run_steps`, the real compiled program:
 filtered resampling, attention maps, mask, update) runs `--steps` steps; a 300-step edit is
@@ -525,7 +526,7 @@ def _plan(args, on_gpu: bool) -> list[dict]:
       seeds = [s for s in seeds if s == 1] or seeds[:1]
     if heavy_cpu and cfg.latent == 64 and not args.sd15_512_steps:
       seeds = []  # forward only: one LUSD step at 64x64 costs minutes on a small CPU
-    # Forward timings always follow an untimed warm-up run; a step chunk's first run is timed too.
+    # Rounds after one untimed warm-up of every timed function (the minimum is reported).
     repeats = args.repeats or (3 if not heavy_cpu else 2 if cfg.latent == 32 else 1)
     rows.append(dict(config=name, steps=steps, seeds=seeds, repeats=repeats))
   return rows
@@ -769,7 +770,12 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                       help="params and activations (auto: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
-  parser.add_argument("--attention", default="auto", help="dot_product_attention impl of uncaptured layers")
+  parser.add_argument(
+    "--attention",
+    default="auto",
+    choices=["auto", "xla", "cudnn", "chunked", "reference"],
+    help="dot_product_attention implementation of uncaptured layers",
+  )
   parser.add_argument("--torch-reference", action="store_true", help="time diffusers' U-Net forward (SDPA)")
   parser.add_argument("--no-cache-check", dest="cache_check", action="store_false",
                       help="skip the second process that compiles from the persistent cache")  # fmt: skip
