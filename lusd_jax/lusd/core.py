@@ -65,7 +65,7 @@ class FlaxUNet:
 
   config: unet_lib.UNetConfig
   dtype: str = "float32"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   def __call__(self, params, sample_BHWC, timesteps_B, context_BLD, capture):
     dtype = jnp.dtype(self.dtype)

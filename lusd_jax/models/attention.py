@@ -220,7 +220,7 @@ def resolve_impl(q_BTNH, k_BSNH, impl: str = "auto") -> str:
   return "xla"
 
 
-def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, impl: str = "xla"):
+def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, impl: str = "auto"):
   """Attention without returning probabilities, through the implementation named `impl`.
 
   Args:

@@ -190,7 +190,7 @@ class CLIPVisionAttention(nn.Module):
   """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
 
   config: CLIPVisionConfig
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BTD):
@@ -206,7 +206,7 @@ class CLIPVisionAttention(nn.Module):
 
 class CLIPVisionEncoderLayer(nn.Module):
   config: CLIPVisionConfig
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BTD):
@@ -220,7 +220,7 @@ class CLIPVisionEncoderLayer(nn.Module):
 
 class CLIPVisionEncoder(nn.Module):
   config: CLIPVisionConfig
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BTD):
@@ -236,7 +236,7 @@ class CLIPVisionTransformer(nn.Module):
   """
 
   config: CLIPVisionConfig
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pixels_BHWC):
@@ -319,7 +319,7 @@ def params_from_torch(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
-def image_features(params, config: CLIPConfig, pixels_BHWC, attention_impl: str = "xla"):
+def image_features(params, config: CLIPConfig, pixels_BHWC, attention_impl: str = "auto"):
   """`CLIPModel.get_image_features`: normalised pixels `[B, S, S, 3]` -> `[B, projection_dim]`.
 
   Not L2-normalised (cosine similarities normalise).
@@ -344,7 +344,7 @@ def eos_positions(config: clip_text.CLIPTextConfig, input_ids_BL):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
-def text_features(params, config: CLIPConfig, input_ids_BL, attention_impl: str = "xla"):
+def text_features(params, config: CLIPConfig, input_ids_BL, attention_impl: str = "auto"):
   """`CLIPModel.get_text_features`: token ids `[B, L]` -> `[B, projection_dim]` (not normalised)."""
   tc = config.text_config
   hidden_BLD = clip_text.CLIPTextTransformer(tc, attention_impl=attention_impl).apply(
@@ -402,7 +402,7 @@ class CLIP:
   params: Any
   tokenizer: Any
   name: str
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
     """PIL images -> image embeddings `[N, projection_dim]` float32 (OpenAI preprocessing)."""

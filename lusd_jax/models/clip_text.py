@@ -149,7 +149,7 @@ class CLIPAttention(nn.Module):
 
   config: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -178,7 +178,7 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
   config: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -191,7 +191,7 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
   config: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -205,7 +205,7 @@ class _TextModel(nn.Module):
 
   config: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, input_ids_BL):
@@ -220,12 +220,13 @@ class CLIPTextTransformer(nn.Module):
   Attributes:
     config: the checkpoint's `text_encoder/config.json`.
     dtype: computation dtype.
-    attention_impl: `attention.dot_product_attention` implementation ("xla", "cudnn", "reference").
+    attention_impl: `attention.dot_product_attention` implementation: "auto" (the fastest for the backend,
+      `attention.resolve_impl`), "xla", "cudnn", "chunked" or "reference".
   """
 
   config: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, input_ids_BL):
@@ -275,7 +276,7 @@ def params_from_torch(
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "attention_impl"))
 def encode_text(
-  params, config: CLIPTextConfig, input_ids_BL, *, dtype=jnp.float32, attention_impl: str = "xla"
+  params, config: CLIPTextConfig, input_ids_BL, *, dtype=jnp.float32, attention_impl: str = "auto"
 ):
   """Token ids `[B, L]` -> `last_hidden_state` `[B, L, hidden_size]` (the U-Net's text context)."""
   model = CLIPTextTransformer(config, dtype, attention_impl)

@@ -324,7 +324,7 @@ class Attention(nn.Module):
   heads: int
   head_dim: int
   dtype: Any = jnp.float32
-  impl: str = "xla"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BTC, context_BSD=None, rows: tuple[int, int] | None = None):
@@ -384,7 +384,7 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   head_dim: int
   dtype: Any = jnp.float32
-  impl: str = "xla"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_BTC, context_BSD, capture: _Capture):
@@ -579,12 +579,13 @@ class UNet2DConditionModel(nn.Module):
   Attributes:
     config: the checkpoint's `unet/config.json`.
     dtype: activation dtype (params may be in any dtype; they are cast per layer).
-    attention_impl: `dot_product_attention` implementation ("xla", "cudnn", "reference").
+    attention_impl: `dot_product_attention` implementation: "auto" (the fastest for the backend,
+      `attention.resolve_impl`), "xla", "cudnn", "chunked" or "reference".
   """
 
   config: UNetConfig
   dtype: Any = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, sample_BHWC, timesteps, context_BLD, capture: CaptureSpec | None = None):
