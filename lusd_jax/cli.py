@@ -54,7 +54,7 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common_arguments(p: argparse.ArgumentParser) -> None:
-  from lusd_jax import loading
+  from lusd_jax import loading, sharding
 
   p.add_argument(
     "--model",
@@ -84,6 +84,7 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--init-seed", type=int, default=0)
   p.add_argument("--num-seed", type=int, default=1)
   p.add_argument("--save-step", type=int, default=0, help="save progress snapshots every N steps (0: off)")
+  sharding.add_devices_argument(p)
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   _add_config_arguments(p)
 
@@ -177,27 +178,13 @@ def _load_model(args):
   return loading.load_model(args.model, dtype=args.dtype)
 
 
-def _run_edit_and_save(
-  model, image, source, target, edit_words, seeds, config, args, out_dir, name_fn, title_prefix=""
-):
-  """Runs one edit and writes its files; returns the `EditResult`."""
+def _save_result(result, model, args, out_dir, name_fn, title_prefix=""):
+  """Writes one edit's images, grid, snapshot strips and run record."""
   import numpy as np
 
   from lusd_jax import io, pipeline, visual
 
-  result = pipeline.edit(
-    model,
-    image,
-    source,
-    target,
-    seeds=seeds,
-    config=config,
-    edit_words=edit_words,
-    snapshot_every=args.save_step or None,
-    size=args.size,
-    progress=not args.quiet,
-    announce=print,
-  )
+  seeds = result.seeds
   os.makedirs(out_dir, exist_ok=True)
   for i, s in enumerate(seeds):
     io.save_png(os.path.join(out_dir, name_fn(s)), result.images[i])
@@ -209,7 +196,7 @@ def _run_edit_and_save(
     captions.append(f"edit mask (seed {seeds[0]})")
   io.save_png(
     os.path.join(out_dir, f"{base}grid.png"),
-    visual.grid(tiles, captions, title=f'{title_prefix}"{source}" -> "{target}"'),
+    visual.grid(tiles, captions, title=f'{title_prefix}"{result.source_prompt}" -> "{result.target_prompt}"'),
   )
   if result.snapshots is not None:
     for i, s in enumerate(seeds):
@@ -220,14 +207,13 @@ def _run_edit_and_save(
   io.write_json_atomic(
     os.path.join(out_dir, f"{base}run.json"), pipeline.run_record(result, model, args.model)
   )
-  return result
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_edit(args) -> int:
-  from lusd_jax import examples, io
+  from lusd_jax import examples, io, pipeline, sharding
 
   if args.example is not None:
     if args.image is not None:
@@ -249,62 +235,90 @@ def cmd_edit(args) -> int:
   seeds = _seeds(args)
   config = _config(args)
   model = _load_model(args)
+  mesh = sharding.mesh_for(args.devices)
   t0 = time.time()
-  _run_edit_and_save(
+  result = pipeline.edit(
     model,
     image,
     source,
     target,
-    edit_words,
-    seeds,
-    config,
-    args,
-    args.out,
-    lambda s: "" if s is None else f"edit_seed{s}.png",
+    seeds=seeds,
+    config=config,
+    edit_words=edit_words,
+    snapshot_every=args.save_step or None,
+    size=args.size,
+    progress=not args.quiet,
+    announce=print,
+    mesh=mesh,
   )
+  _save_result(result, model, args, args.out, lambda s: "" if s is None else f"edit_seed{s}.png")
   print(f"wrote {args.out}/grid.png and {len(seeds)} edited image(s) in {time.time() - t0:.1f} s")
   return 0
 
 
 def cmd_batch(args) -> int:
-  from lusd_jax import io
+  """Edits every pending (row, seed) of index.csv; on several devices, several rows run at once.
+
+  Each row's files are written as soon as its last seed finishes; a rerun skips finished seeds.
+  """
+  from lusd_jax import io, pipeline, sharding
 
   rows = io.read_index(args.input_dir)
   seeds = _seeds(args)
   config = _config(args)
   io.validate_size(args.size)
+  mesh = sharding.mesh_for(args.devices)
   model = _load_model(args)
   failures: list[tuple[int, str]] = []
-  done = skipped = 0
+  jobs, job_rows = [], []
+  skipped = 0
   for row in rows:
     todo = io.pending_seeds(args.output_dir, row.row, seeds)
     if not todo:
       skipped += 1
-      continue
-    try:
-      if row.problem:
-        raise io.InputError(f"index.csv row {row.row}: {row.problem}")
-      image = io.load_image(row.img_path, args.size)
-      print(
+    elif row.problem:
+      failures.append((row.row, f"index.csv row {row.row}: {row.problem}"))
+      print(f"[row {row.row}] failed: {failures[-1][1]}", file=sys.stderr)
+    else:
+      label = (
         f"[row {row.row}] {os.path.basename(row.img_path)}: {row.source_prompt!r} -> {row.target_prompt!r}"
       )
-      _run_edit_and_save(
-        model,
-        image,
-        row.source_prompt,
-        row.target_prompt,
-        row.edit_words,
-        todo,
-        config,
-        args,
-        args.output_dir,
-        lambda s, r=row.row: f"{r:03d}_" if s is None else io.output_name(r, s),
-        title_prefix=f"{row.row:03d}: ",
+      jobs.append(
+        pipeline.EditJob(
+          row.img_path, row.source_prompt, row.target_prompt, tuple(todo), row.edit_words, label
+        )
       )
-      done += 1
-    except (io.InputError, ValueError) as e:
-      failures.append((row.row, str(e)))
-      print(f"[row {row.row}] failed: {e}", file=sys.stderr)
+      job_rows.append(row.row)
+  devices = sharding.num_devices(mesh)
+  if jobs and devices > 1:
+    print(f"batch: {sum(len(j.seeds) for j in jobs)} edits over {devices} devices")
+  done = 0
+  results = pipeline.edit_many(
+    model,
+    jobs,
+    config,
+    size=args.size,
+    mesh=mesh,
+    snapshot_every=args.save_step or None,
+    progress=not args.quiet,
+    announce=print,
+  )
+  for j, result in results:
+    r = job_rows[j]
+    if isinstance(result, Exception):
+      failures.append((r, str(result)))
+      print(f"[row {r}] failed: {result}", file=sys.stderr)
+      continue
+    _save_result(
+      result,
+      model,
+      args,
+      args.output_dir,
+      lambda s, r=r: f"{r:03d}_" if s is None else io.output_name(r, s),
+      title_prefix=f"{r:03d}: ",
+    )
+    done += 1
+  failures.sort()
   print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {len(rows)} rows)")
   if failures:
     print(io.summarize_failures(failures))
@@ -344,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  except FloatingPointError as e:  # core.NonFiniteError: the run diverged; no usage error
+    if os.environ.get("LUSD_JAX_DEBUG"):
+      raise
+    print(f"error: {e} (try a smaller --lr or --dtype float32)", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130

@@ -7,9 +7,12 @@ compiled program: prompts, edit words, seeds' keys and numeric hyperparameters a
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import platform
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -153,6 +156,37 @@ def prepare_edit(
   return PreparedEdit(seeds, x, edit_tokens, inputs, keys)
 
 
+def progress_chunk_size(num_steps: int, chunk_size: int | None = None) -> int:
+  """Steps per compiled call under a progress bar: about a tenth of the run, at most 25."""
+  return chunk_size or max(1, min(25, num_steps // 10 or 1))
+
+
+@contextlib.contextmanager
+def step_progress(num_steps: int, desc: str, enabled: bool = True):
+  """A tqdm bar over optimization steps; yields the `on_chunk` callback that moves it (None if off).
+
+  The bar's postfix counts the redraws so far (`StepStats.rejections`, summed over the batch).
+  """
+  if not enabled:
+    yield None
+    return
+  from tqdm.auto import tqdm
+
+  bar = tqdm(total=num_steps, desc=desc, unit="step", dynamic_ncols=True)
+  rejected = 0
+
+  def on_chunk(done, _state, stats):
+    nonlocal rejected
+    rejected += int(np.asarray(stats.rejections)[:, : done - bar.n].sum())
+    bar.set_postfix(rejections=rejected, refresh=False)
+    bar.update(done - bar.n)
+
+  try:
+    yield on_chunk
+  finally:
+    bar.close()
+
+
 def edit(
   model: SDModel,
   image,
@@ -212,33 +246,20 @@ def edit(
     model, image, source_prompt, target_prompt, seeds, config, edit_words,
     token_positions=token_positions, size=size, announce=announce,
   )  # fmt: skip
-  seeds, x, edit_tokens, inputs, keys = prep
+  seeds, inputs, keys = prep.seeds, prep.inputs, prep.keys
   jax.block_until_ready(inputs)
   timings["encode_s"] = time.perf_counter() - t0
 
   n = config.num_steps
-  bar = None
   if progress:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n, desc=f"LUSD {len(seeds)} seed(s)", unit="step", dynamic_ncols=True)
-    chunk_size = chunk_size or max(1, min(25, n // 10 or 1))
-
-  rejected = [0]
-
-  def on_chunk(done, state, stats):
-    rejected[0] += int(np.asarray(stats.rejections)[:, : done - bar.n].sum()) if bar is not None else 0
-    if bar is not None:
-      bar.set_postfix(rejections=rejected[0], refresh=False)
-      bar.update(done - bar.n)
-
+    chunk_size = progress_chunk_size(n, chunk_size)
   t1 = time.perf_counter()
   optimize = core.optimize
   if mesh is not None:
     from lusd_jax import sharding
 
     optimize = functools.partial(sharding.sharded_optimize, mesh=mesh)
-  try:
+  with step_progress(n, f"LUSD {len(seeds)} seed(s)", enabled=progress) as on_chunk:
     out = optimize(
       core.FlaxUNet(model.configs.unet, model.dtype),
       model.params.unet,
@@ -252,11 +273,157 @@ def edit(
       seed_ids=seeds,
       on_chunk=on_chunk,
     )
-  finally:
-    if bar is not None:
-      bar.close()
   timings["optimize_s"] = time.perf_counter() - t1
 
+  return _result(model, prep, source_prompt, target_prompt, config, out, timings)
+
+
+class EditJob(NamedTuple):
+  """One image's edit in `edit_many`: the arguments of `edit` that differ between images."""
+
+  image: Any  # a path, a PIL image or an [H, W, 3] array (loaded when the job's turn comes)
+  source_prompt: str
+  target_prompt: str
+  seeds: tuple[int, ...]
+  edit_words: str | None = None
+  label: str | None = None  # announced when the job starts, and names it in error messages
+
+
+def edit_many(
+  model: SDModel,
+  jobs: Sequence[EditJob],
+  config=None,
+  *,
+  size: int = 512,
+  mesh=None,
+  batch_size: int | None = None,
+  snapshot_every: int | None = None,
+  progress: bool = False,
+  announce=None,
+  chunk_size: int | None = None,
+) -> Iterator[tuple[int, EditResult | Exception]]:
+  """Edits many images, their seeds packed into batches that fill every device of `mesh`.
+
+  The (job, seed) pairs are taken in order and run `batch_size` at a time through
+  `sharding.optimize_batch`: one compiled program for every batch (the last is padded), each element
+  with its own image latent, prompts and key, the batch split over the devices along "data". Each
+  job is prepared (image loaded, prompts encoded) when its first seed's batch is assembled, and
+  yielded as soon as its last seed finishes, so callers can write results while the rest runs.
+  Every element computes what `edit` computes for that image and seed, to float rounding.
+
+  Args:
+    model: from `lusd_jax.load_model`.
+    jobs: the edits, in order.
+    config: `LUSDConfig` shared by all jobs (default: the paper's values).
+    size: image side, a multiple of 64.
+    mesh: a `sharding.data_mesh()` (None: one device).
+    batch_size: (job, seed) pairs per program call (default: the devices times ceil(seeds of the
+      largest job / devices), so one device runs one job's seeds at a time, as `edit` does); rounded
+      up to a multiple of the devices.
+    snapshot_every: also decode the latents every this many steps (as `edit`).
+    progress: a progress bar per batch.
+    announce: where to print each job's label and its edit-token note (default: nowhere).
+    chunk_size: steps per compiled call.
+
+  Yields:
+    (job index, `EditResult`) when a job is done, or (job index, exception) when it failed: bad
+    inputs (`io.InputError`, `ValueError`) fail only their job; NaN/inf (`core.NonFiniteError`)
+    fails every job with a seed in that batch. Jobs come in order of completion.
+  """
+  from lusd_jax import sharding
+  from lusd_jax.lusd import core
+  from lusd_jax.lusd.config import LUSDConfig
+
+  config = LUSDConfig() if config is None else config
+  announce = announce or (lambda _msg: None)
+  devices = sharding.num_devices(mesh)
+  if batch_size is None:
+    most = max((len(job.seeds) for job in jobs), default=1)
+    batch_size = devices * math.ceil(max(1, most) / devices)
+  batch_size = sharding.padded_size(batch_size, devices)
+  n = config.num_steps
+  if progress:
+    chunk_size = progress_chunk_size(n, chunk_size)
+  unet_fn = core.FlaxUNet(model.configs.unet, model.dtype)
+  params = sharding.replicate(model.params.unet, mesh) if mesh is not None else model.params.unet
+
+  prepared: dict[int, PreparedEdit] = {}
+  timings: dict[int, dict] = {}
+  outputs: dict[int, dict[int, Any]] = {}  # job -> seed position -> EditOutput of one element
+  queue: list[tuple[int, int]] = []  # (job, seed position) waiting for a batch
+  label = lambda j: jobs[j].label or f"job {j}"
+
+  def prepare(j):
+    job = jobs[j]
+    if job.label:
+      announce(job.label)
+    t0 = time.perf_counter()
+    prep = prepare_edit(
+      model, job.image, job.source_prompt, job.target_prompt, job.seeds, config, job.edit_words,
+      size=size, announce=announce,
+    )  # fmt: skip
+    jax.block_until_ready(prep.inputs)
+    prepared[j], timings[j], outputs[j] = prep, {"encode_s": time.perf_counter() - t0}, {}
+    queue.extend((j, i) for i in range(len(prep.seeds)))
+
+  def run(items):
+    """Runs one batch; yields the jobs it finished."""
+    jobs_in = sorted({j for j, _ in items})
+    inputs_B = jax.tree.map(lambda *xs: jnp.stack(xs), *(prepared[j].inputs for j, _ in items))
+    keys_B = jnp.stack([prepared[j].keys[i] for j, i in items])
+    ids = [f"{label(j)} seed {prepared[j].seeds[i]}" for j, i in items]
+    t1 = time.perf_counter()
+    try:
+      with step_progress(n, f"LUSD {len(items)} edit(s) of {len(jobs_in)} image(s)", progress) as on_chunk:
+        out = sharding.optimize_batch(
+          unet_fn, params, inputs_B, keys_B, sharding.broadcast_batch(config.numeric(), len(items)),
+          static=config.static(), schedule=model.configs.schedule, mesh=mesh, batch_size=batch_size,
+          snapshot_every=snapshot_every, chunk_size=chunk_size, ids=ids, on_chunk=on_chunk,
+        )  # fmt: skip
+    except core.NonFiniteError as e:
+      queue[:] = [item for item in queue if item[0] not in jobs_in]  # their other seeds too
+      for j in jobs_in:
+        prepared.pop(j), outputs.pop(j)
+        yield j, e
+      return
+    seconds = time.perf_counter() - t1
+    for b, (j, i) in enumerate(items):
+      outputs[j][i] = _element(out, b)
+    for j in jobs_in:
+      timings[j]["optimize_s"] = timings[j].get("optimize_s", 0.0) + seconds
+      prep = prepared[j]
+      if len(outputs[j]) == len(prep.seeds):
+        merged = _concat([outputs[j][i] for i in range(len(prep.seeds))])
+        job = jobs[j]
+        yield j, _result(model, prep, job.source_prompt, job.target_prompt, config, merged, timings[j])
+        prepared.pop(j), outputs.pop(j)
+
+  for j in range(len(jobs)):
+    try:
+      prepare(j)
+    except (io.InputError, ValueError) as e:
+      yield j, e
+      continue
+    while len(queue) >= batch_size:
+      items, queue[:] = queue[:batch_size], queue[batch_size:]
+      yield from run(items)
+  while queue:
+    items, queue[:] = queue[:batch_size], queue[batch_size:]
+    yield from run(items)
+
+
+def _element(out, b: int):
+  """Element b of a batched `core.EditOutput`, keeping a leading axis of 1."""
+  return jax.tree.map(lambda x: x[b : b + 1] if isinstance(x, np.ndarray) else x, out)
+
+
+def _concat(outs):
+  """`core.EditOutput`s concatenated along their leading axis (the inverse of `_element`)."""
+  return jax.tree.map(lambda *xs: np.concatenate(xs) if isinstance(xs[0], np.ndarray) else xs[0], *outs)
+
+
+def _result(model, prep: PreparedEdit, source_prompt, target_prompt, config, out, timings) -> EditResult:
+  """Decodes an `EditOutput` (leading axis: the prepared edit's seeds) into an `EditResult`."""
   t2 = time.perf_counter()
   images = decode_latents(model, out.z)
   snapshots = None
@@ -264,23 +431,23 @@ def edit(
     s, k = out.z_snapshots.shape[:2]
     flat = decode_latents(model, out.z_snapshots.reshape((s * k,) + out.z_snapshots.shape[2:]))
     snapshots = flat.reshape((s, k) + flat.shape[1:])
-  timings["decode_s"] = time.perf_counter() - t2
+  timings = dict(timings, decode_s=time.perf_counter() - t2)
   return EditResult(
     images=images,
     latents=out.z,
-    input_image=x,
+    input_image=prep.image,
     source_prompt=source_prompt,
     target_prompt=target_prompt,
-    seeds=seeds,
+    seeds=prep.seeds,
     rejections=out.rejections,
     timesteps=out.t,
     hit_max_attempts=out.hit_max_attempts.any(axis=1),
-    mask=None if edit_tokens.uniform else out.mask,
+    mask=None if prep.edit_tokens.uniform else out.mask,
     snapshots=snapshots,
     latent_snapshots=out.z_snapshots,
     mask_snapshots=out.mask_snapshots,
     snapshot_steps=out.snapshot_steps,
-    edit_tokens=edit_tokens,
+    edit_tokens=prep.edit_tokens,
     config=config,
     timings=timings,
   )

@@ -248,23 +248,11 @@ def sweep(
   timings["encode_s"] = time.perf_counter() - t0
 
   n = base.num_steps
-  bar = None
   if progress:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n, desc=f"LUSD sweep {c} config(s) x {s} seed(s)", unit="step", dynamic_ncols=True)
-    chunk_size = chunk_size or max(1, min(25, n // 10 or 1))
-
-  rejected = [0]
-
-  def on_chunk(done, _state, stats):
-    if bar is not None:
-      rejected[0] += int(stats.rejections[:, : done - bar.n].sum())
-      bar.set_postfix(rejections=rejected[0], refresh=False)
-      bar.update(done - bar.n)
-
+    chunk_size = pipeline.progress_chunk_size(n, chunk_size)
   t1 = time.perf_counter()
-  try:
+  desc = f"LUSD sweep {c} config(s) x {s} seed(s)"
+  with pipeline.step_progress(n, desc, enabled=progress) as on_chunk:
     out = sharding.optimize_batch(
       core.FlaxUNet(model.configs.unet, model.dtype),
       model.params.unet,
@@ -278,9 +266,6 @@ def sweep(
       ids=ids,
       on_chunk=on_chunk,
     )
-  finally:
-    if bar is not None:
-      bar.close()
   timings["optimize_s"] = time.perf_counter() - t1
 
   t2 = time.perf_counter()
@@ -561,12 +546,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   parser.add_argument(
     "--size", type=int, default=512, help="image side, a multiple of 64 (default %(default)s)"
   )
-  parser.add_argument(
-    "--shard",
-    action=argparse.BooleanOptionalAction,
-    default=None,
-    help="spread the configs x seeds over every device (default: when there is more than one)",
-  )
+  sharding.add_devices_argument(parser)
   parser.add_argument("--out", default="sweep", help="output folder (default %(default)s)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   return parser
@@ -621,8 +601,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.model == loading.TINY_RANDOM:
       print("note: --model tiny-random has random weights: the pictures are meaningless.", file=sys.stderr)
     model = loading.load_model(args.model, dtype=args.dtype)
-    shard = jax.device_count() > 1 if args.shard is None else args.shard
-    mesh = sharding.data_mesh() if shard else None
+    mesh = sharding.mesh_for(args.devices)
     t0 = time.time()
     result = sweep(
       model,

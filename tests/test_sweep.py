@@ -129,7 +129,7 @@ def test_second_sweep_with_other_prompts_and_values_does_not_compile(model, imag
     jax.monitoring.unregister_event_duration_listener(listener)
   assert compiled_in_sweep == []
   assert events  # (a trace at least, even where a persistent compilation cache holds the program)
-  assert sharding.batch_steps._cache_size() == before == 1
+  assert sharding.batch_steps._cache_size() == before  # (other test files may have added programs)
   assert other.images.shape == result.images.shape
   assert other.labels[1] == "spatial_reg=True, ds_high=0.2"
   assert not np.allclose(other.latents[0], result.latents[0])
