@@ -186,3 +186,32 @@ def test_long_prompt_is_warned_and_truncated(capsys, tmp_path):
   assert len(warning) == 1 and "the rest is cut" in warning[0]
   assert int(warning[0].split()[5]) > 77
   assert json.loads((tmp_path / "run.json").read_text())["edit_tokens"]["positions"] == [5, 6]
+
+
+def test_diverging_run_is_one_error_line_and_a_batch_goes_on(capsys, tmp_path):
+  # lr 1e37 overflows the latent at step 0 (lr is traced: the programs of the tests above serve).
+  argv = [
+    "edit",
+    "--example",
+    "cat",
+    *FAST,
+    "--seeds",
+    "0",
+    "1",
+    "--lr",
+    "1e37",
+    "--out",
+    str(tmp_path / "e"),
+  ]
+  code, _, err = _run(capsys, argv)
+  assert code == 1 and "Traceback" not in err
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "non-finite" in lines[0] and "step 0" in lines[0], err
+
+  in_dir, out_dir = _write_batch(tmp_path), tmp_path / "out"
+  argv = ["batch", "--input-dir", str(in_dir), "--output-dir", str(out_dir), *FAST, "--seeds", "0", "1"]
+  code, out, err = _run(capsys, [*argv, "--lr", "1e37"])
+  assert code == 1 and "Traceback" not in err
+  assert "0 edited, 0 already done, 4 failed" in out
+  assert "[row 0] failed: non-finite" in err and "[row 3] failed: non-finite" in err
+  assert not list(out_dir.glob("*.png"))
