@@ -45,7 +45,7 @@ from PIL import Image
 
 from lusd_jax import tokenizer as tokenizer_lib
 from lusd_jax import weights
-from lusd_jax.models import attention, clip_text, layers
+from lusd_jax.models import clip_text, layers
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 TINY_RANDOM = "tiny-random"
@@ -161,11 +161,6 @@ TINY_CLIP = dict(
 # ----------------------------------------------------------------------------- image tower
 
 
-def _layer_norm(name: str, eps: float) -> nn.LayerNorm:
-  # Two-pass variance, as PyTorch computes it.
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
-
-
 class CLIPVisionEmbeddings(nn.Module):
   config: CLIPVisionConfig
 
@@ -186,49 +181,6 @@ class CLIPVisionEmbeddings(nn.Module):
     return x_BTD + pos_TD[None]
 
 
-class CLIPVisionAttention(nn.Module):
-  """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
-
-  config: CLIPVisionConfig
-  attention_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    cfg = self.config
-    b, t, d = x_BTD.shape
-    n, h = cfg.num_attention_heads, cfg.head_dim
-    q_BTNH, k_BTNH, v_BTNH = (
-      nn.Dense(d, name=name)(x_BTD).reshape(b, t, n, h) for name in ("q_proj", "k_proj", "v_proj")
-    )
-    out_BTNH = attention.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, causal=False, impl=self.attention_impl)
-    return nn.Dense(d, name="out_proj")(out_BTNH.reshape(b, t, d))
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-  config: CLIPVisionConfig
-  attention_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    eps = self.config.layer_norm_eps
-    x_BTD = x_BTD + CLIPVisionAttention(self.config, self.attention_impl, name="self_attn")(
-      _layer_norm("layer_norm1", eps)(x_BTD)
-    )
-    # The MLP reads only hidden_size / intermediate_size / hidden_act, which both configs have.
-    return x_BTD + clip_text.CLIPMLP(self.config, name="mlp")(_layer_norm("layer_norm2", eps)(x_BTD))
-
-
-class CLIPVisionEncoder(nn.Module):
-  config: CLIPVisionConfig
-  attention_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    for i in range(self.config.num_hidden_layers):
-      x_BTD = CLIPVisionEncoderLayer(self.config, self.attention_impl, name=f"layers_{i}")(x_BTD)
-    return x_BTD
-
-
 class CLIPVisionTransformer(nn.Module):
   """transformers' `CLIPVisionModel` (the `vision_model` scope); returns (pooled_BD, last_hidden_BTD).
 
@@ -242,9 +194,10 @@ class CLIPVisionTransformer(nn.Module):
   def __call__(self, pixels_BHWC):
     cfg = self.config
     x_BTD = CLIPVisionEmbeddings(cfg, name="embeddings")(pixels_BHWC)
-    x_BTD = _layer_norm("pre_layrnorm", cfg.layer_norm_eps)(x_BTD)  # sic: transformers' key
-    x_BTD = CLIPVisionEncoder(cfg, self.attention_impl, name="encoder")(x_BTD)
-    pooled_BD = _layer_norm("post_layernorm", cfg.layer_norm_eps)(x_BTD[:, 0])
+    x_BTD = clip_text.layer_norm("pre_layrnorm", cfg)(x_BTD)  # sic: transformers' key
+    # The text tower's encoder, bidirectional: same layers, names and layer norms.
+    x_BTD = clip_text.CLIPEncoder(cfg, jnp.float32, self.attention_impl, causal=False, name="encoder")(x_BTD)
+    pooled_BD = clip_text.layer_norm("post_layernorm", cfg)(x_BTD[:, 0])
     return pooled_BD, x_BTD
 
 

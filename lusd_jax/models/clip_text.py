@@ -120,8 +120,8 @@ class CLIPTextConfig:
       return cls.from_dict(json.load(f))
 
 
-def _layer_norm(name: str, config: CLIPTextConfig, dtype) -> nn.LayerNorm:
-  # Two-pass variance, as PyTorch computes it.
+def layer_norm(name: str, config: CLIPTextConfig, dtype=jnp.float32) -> nn.LayerNorm:
+  """CLIP's LayerNorm (either tower's config): two-pass variance, as PyTorch computes it."""
   return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
@@ -145,11 +145,17 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-  """Causal multi-head self-attention with biased q/k/v/out projections."""
+  """Multi-head self-attention with biased q/k/v/out projections (causal for text, not for images).
+
+  The encoder modules read only the config's sizes (`hidden_size`, `num_attention_heads`,
+  `head_dim`, `intermediate_size`, `hidden_act`, `layer_norm_eps`, `num_hidden_layers`), which the
+  vision config has too: `clip.py`'s image tower uses `CLIPEncoder(..., causal=False)`.
+  """
 
   config: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -160,7 +166,9 @@ class CLIPAttention(nn.Module):
       nn.Dense(d, dtype=self.dtype, name=name)(x_BLD).reshape(b, length, n, h)
       for name in ("q_proj", "k_proj", "v_proj")
     )
-    out_BLNH = attention.dot_product_attention(q_BLNH, k_BLNH, v_BLNH, causal=True, impl=self.attention_impl)
+    out_BLNH = attention.dot_product_attention(
+      q_BLNH, k_BLNH, v_BLNH, causal=self.causal, impl=self.attention_impl
+    )
     return nn.Dense(d, dtype=self.dtype, name="out_proj")(out_BLNH.reshape(b, length, d))
 
 
@@ -179,12 +187,15 @@ class CLIPEncoderLayer(nn.Module):
   config: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BLD):
-    h_BLD = _layer_norm("layer_norm1", self.config, self.dtype)(x_BLD)
-    x_BLD = x_BLD + CLIPAttention(self.config, self.dtype, self.attention_impl, name="self_attn")(h_BLD)
-    h_BLD = _layer_norm("layer_norm2", self.config, self.dtype)(x_BLD)
+    h_BLD = layer_norm("layer_norm1", self.config, self.dtype)(x_BLD)
+    x_BLD = x_BLD + CLIPAttention(
+      self.config, self.dtype, self.attention_impl, self.causal, name="self_attn"
+    )(h_BLD)
+    h_BLD = layer_norm("layer_norm2", self.config, self.dtype)(x_BLD)
     return x_BLD + CLIPMLP(self.config, self.dtype, name="mlp")(h_BLD)
 
 
@@ -192,11 +203,14 @@ class CLIPEncoder(nn.Module):
   config: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BLD):
     for i in range(self.config.num_hidden_layers):
-      x_BLD = CLIPEncoderLayer(self.config, self.dtype, self.attention_impl, name=f"layers_{i}")(x_BLD)
+      x_BLD = CLIPEncoderLayer(self.config, self.dtype, self.attention_impl, self.causal, name=f"layers_{i}")(
+        x_BLD
+      )
     return x_BLD
 
 
@@ -211,7 +225,7 @@ class _TextModel(nn.Module):
   def __call__(self, input_ids_BL):
     x_BLD = CLIPTextEmbeddings(self.config, self.dtype, name="embeddings")(input_ids_BL)
     x_BLD = CLIPEncoder(self.config, self.dtype, self.attention_impl, name="encoder")(x_BLD)
-    return _layer_norm("final_layer_norm", self.config, self.dtype)(x_BLD)
+    return layer_norm("final_layer_norm", self.config, self.dtype)(x_BLD)
 
 
 class CLIPTextTransformer(nn.Module):
