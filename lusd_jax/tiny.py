@@ -54,3 +54,18 @@ SD1_SCHEDULER = dict(
   skip_prk_steps=True,
   set_alpha_to_one=False,
 )
+
+# A small random CLIP for trying the evaluator without a download (meaningless scores); its text
+# tower is the tiny SD text encoder's.
+TINY_CLIP = dict(
+  projection_dim=32,
+  text_config=TINY_SD1_TEXT,
+  vision_config=dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=224,
+    patch_size=32,
+  ),
+)

@@ -132,32 +132,6 @@ class CLIPConfig:
       return cls.from_dict(json.load(f))
 
 
-# A small random CLIP for trying the evaluator without a download (meaningless scores).
-TINY_CLIP = dict(
-  projection_dim=32,
-  text_config=dict(
-    vocab_size=49408,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=1,
-  ),
-  vision_config=dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=224,
-    patch_size=32,
-  ),
-)
-
-
 # ----------------------------------------------------------------------------- image tower
 
 
@@ -376,6 +350,8 @@ class CLIP:
 
 def tiny_random_clip(seed: int = 0) -> CLIP:
   """A tiny random-weight CLIP (`TINY_CLIP`) with the bundled tokenizer: meaningless scores, no download."""
+  from lusd_jax.tiny import TINY_CLIP
+
   config = CLIPConfig.from_dict(TINY_CLIP)
   params = init_params(config, jax.random.key(seed))
   return CLIP(config, params, tokenizer_lib.bundled_tokenizer(), TINY_RANDOM)
