@@ -341,6 +341,9 @@ def edit_many(
     most = max((len(job.seeds) for job in jobs), default=1)
     batch_size = devices * math.ceil(max(1, most) / devices)
   batch_size = sharding.padded_size(batch_size, devices)
+  # For the progress bars: calls expected if no job fails (a failed job only makes it fewer).
+  expected_calls = math.ceil(sum(len(job.seeds) for job in jobs) / batch_size)
+  calls = 0
   n = config.num_steps
   if progress:
     chunk_size = progress_chunk_size(n, chunk_size)
@@ -368,13 +371,16 @@ def edit_many(
 
   def run(items):
     """Runs one batch; yields the jobs it finished."""
+    nonlocal calls
+    calls += 1
     jobs_in = sorted({j for j, _ in items})
+    desc = f"LUSD call {calls}/{max(calls, expected_calls)}: {len(items)} edit(s) of {len(jobs_in)} image(s)"
     inputs_B = jax.tree.map(lambda *xs: jnp.stack(xs), *(prepared[j].inputs for j, _ in items))
     keys_B = jnp.stack([prepared[j].keys[i] for j, i in items])
     ids = [f"{label(j)} seed {prepared[j].seeds[i]}" for j, i in items]
     t1 = time.perf_counter()
     try:
-      with step_progress(n, f"LUSD {len(items)} edit(s) of {len(jobs_in)} image(s)", progress) as on_chunk:
+      with step_progress(n, desc, progress) as on_chunk:
         out = sharding.optimize_batch(
           unet_fn, params, inputs_B, keys_B, sharding.broadcast_batch(config.numeric(), len(items)),
           static=config.static(), schedule=model.configs.schedule, mesh=mesh, batch_size=batch_size,
