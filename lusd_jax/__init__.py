@@ -9,16 +9,18 @@ __version__ = "0.1.0"
 from lusd_jax import prompts  # noqa: E402
 from lusd_jax.loading import ModelLoadError, SDModel, load_model  # noqa: E402
 from lusd_jax.lusd.config import LUSDConfig  # noqa: E402
-from lusd_jax.pipeline import EditResult, edit  # noqa: E402
+from lusd_jax.pipeline import EditJob, EditResult, edit, edit_many  # noqa: E402
 from lusd_jax.sweeps import SweepResult, sweep  # noqa: E402
 
 __all__ = [
+  "EditJob",
   "EditResult",
   "LUSDConfig",
   "ModelLoadError",
   "SDModel",
   "SweepResult",
   "edit",
+  "edit_many",
   "load_model",
   "prompts",
   "sweep",
