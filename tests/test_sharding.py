@@ -138,6 +138,18 @@ def test_data_mesh_spans_the_devices():
     sharding.data_mesh([])
 
 
+def test_mesh_for_the_command_line():
+  from lusd_jax.io import InputError
+
+  n = jax.device_count()
+  assert sharding.mesh_for(1) is None  # one device: plain single-device programs
+  mesh = sharding.mesh_for()
+  assert (mesh is None) if n == 1 else sharding.num_devices(mesh) == n
+  for bad in (0, -1, n + 1):
+    with pytest.raises(InputError, match=f"--devices: {bad} asked, {n} {jax.devices()[0].platform} device"):
+      sharding.mesh_for(bad)
+
+
 def test_pad_and_unpad_batch():
   tree = {"x": jnp.arange(6.0).reshape(3, 2), "k": jax.vmap(jax.random.key)(jnp.arange(3))}
   assert [sharding.padded_size(n, 4) for n in (1, 3, 4, 5, 8)] == [4, 4, 4, 8, 8]
