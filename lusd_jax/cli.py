@@ -234,8 +234,8 @@ def cmd_edit(args) -> int:
     image = io.load_image(args.image, args.size)
   seeds = _seeds(args)
   config = _config(args)
-  model = _load_model(args)
   mesh = sharding.mesh_for(args.devices)
+  model = _load_model(args)
   t0 = time.time()
   result = pipeline.edit(
     model,
