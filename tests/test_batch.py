@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lusd_jax import cli, io, loading, pipeline
+from lusd_jax import cli, io, loading, pipeline, sharding
 from lusd_jax.lusd import core
 from lusd_jax.lusd.config import LUSDConfig
 
@@ -49,16 +49,22 @@ def jobs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def many(model, jobs):
   notes = []
+  programs = sharding.batch_steps._cache_size()
   # Batches of 3 pairs: (job 0, 0) (job 0, 1) (job 2, 5) | (job 2, 6) (job 3, 2) (job 3, 3): job 2
   # spans both batches.
   out = list(
     pipeline.edit_many(model, jobs, CONFIG, size=SIZE, batch_size=3, snapshot_every=2, announce=notes.append)
   )
-  return out, notes
+  return out, notes, sharding.batch_steps._cache_size() - programs
+
+
+def test_calls_with_other_images_and_prompts_share_one_program(many):
+  # Two calls: at most one new program (none if another test already made this shape).
+  assert many[2] <= 1
 
 
 def test_every_job_is_yielded_once_as_it_finishes(many):
-  out, notes = many
+  out, notes, _ = many
   # The missing image fails at once; job 0 is done after the first batch, jobs 2 and 3 after the second.
   assert [j for j, _ in out] == [1, 0, 2, 3]
   failed = dict(out)[1]
@@ -94,9 +100,11 @@ def test_nonfinite_batch_fails_its_jobs_and_the_rest_go_on(model, jobs):
   # lr 1e37 overflows z at step 0. Same shapes and static config: the batch program is reused.
   good, bad = jobs[0], jobs[3]
   diverging = CONFIG.replace(lr=1e37)
+  programs = sharding.batch_steps._cache_size()
   out = list(pipeline.edit_many(model, [good, bad], diverging, size=SIZE, batch_size=3, snapshot_every=2))
   # (job 0: 0, 1), (job 1: 2) in the first batch: both jobs fail; job 1's second seed never runs.
   assert [j for j, _ in out] == [0, 1]
+  assert sharding.batch_steps._cache_size() == programs  # lr is traced: no new program
   for _, e in out:
     assert isinstance(e, core.NonFiniteError) and "step 0" in str(e)
 
