@@ -56,12 +56,7 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 def _add_common_arguments(p: argparse.ArgumentParser) -> None:
   from lusd_jax import loading, sharding
 
-  p.add_argument(
-    "--model",
-    default=loading.DEFAULT_MODEL,
-    help="diffusers folder, converted folder, hub id, or tiny-random (default %(default)s)",
-  )
-  p.add_argument("--dtype", default="float32", choices=sorted(loading.DTYPES))
+  loading.add_model_arguments(p)
   p.add_argument(
     "--preset",
     default="paper",

@@ -27,6 +27,17 @@ TINY_RANDOM = "tiny-random"
 CONVERTED_MARKER = "lusd_jax.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+
+def add_model_arguments(parser) -> None:
+  """Adds `--model` and `--dtype` (the arguments of `load_model`) to an argparse parser."""
+  parser.add_argument(
+    "--model",
+    default=DEFAULT_MODEL,
+    help="diffusers folder, converted folder, hub id, or tiny-random (default %(default)s)",
+  )
+  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
 # component -> (module, weight file stem, config file)
 _COMPONENTS = {
   "unet": (unet, "diffusion_pytorch_model", "config.json"),

@@ -537,12 +537,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     "--num-steps", type=int, default=None, help="optimization steps (default: the preset's)"
   )
   parser.add_argument("--preset", default="paper", choices=["paper", "official"], help="base config")
-  parser.add_argument(
-    "--model",
-    default=loading.DEFAULT_MODEL,
-    help="diffusers folder, converted folder, hub id, or tiny-random (default %(default)s)",
-  )
-  parser.add_argument("--dtype", default="float32", choices=sorted(loading.DTYPES))
+  loading.add_model_arguments(parser)
   parser.add_argument(
     "--size", type=int, default=512, help="image side, a multiple of 64 (default %(default)s)"
   )
