@@ -208,25 +208,9 @@ def _save_result(result, model, args, out_dir, name_fn, title_prefix=""):
 
 
 def cmd_edit(args) -> int:
-  from lusd_jax import examples, io, pipeline, sharding
+  from lusd_jax import examples, pipeline, sharding
 
-  if args.example is not None:
-    if args.image is not None:
-      raise io.InputError("give either IMAGE or --example, not both")
-    ex = examples.get_example(args.example)
-    source = ex.source if args.source is None else args.source
-    target = ex.target if args.target is None else args.target
-    edit_words = ex.edit_words if args.edit_words is None else args.edit_words
-    io.validate_size(args.size)
-    image = ex.image(args.size)
-  else:
-    if args.image is None:
-      raise io.InputError("give an IMAGE (or --example cat)")
-    if args.target is None:
-      raise io.InputError("--target is required")
-    source, target, edit_words = args.source or "", args.target, args.edit_words
-    io.validate_size(args.size)
-    image = io.load_image(args.image, args.size)
+  image, source, target, edit_words = examples.inputs_from_args(args)
   seeds = _seeds(args)
   config = _config(args)
   mesh = sharding.mesh_for(args.devices)

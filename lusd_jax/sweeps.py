@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lusd_jax import io, pipeline, sharding, visual
+from lusd_jax import examples, io, pipeline, sharding, visual
 from lusd_jax.loading import SDModel
 from lusd_jax.lusd import core
 from lusd_jax.lusd.config import _BOOL_NUMERIC, _INT_NUMERIC, LUSDConfig, LUSDNumeric, stack_numeric
@@ -547,26 +547,6 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   return parser
 
 
-def _sweep_inputs(args):
-  """(image, source, target, edit_words) from IMAGE or --example."""
-  from lusd_jax import examples
-
-  io.validate_size(args.size)
-  if args.example is not None:
-    if args.image is not None:
-      raise io.InputError("give either IMAGE or --example, not both")
-    ex = examples.get_example(args.example)
-    source = ex.source if args.source is None else args.source
-    target = ex.target if args.target is None else args.target
-    edit_words = ex.edit_words if args.edit_words is None else args.edit_words
-    return ex.image(args.size), source, target, edit_words
-  if args.image is None:
-    raise io.InputError("give an IMAGE (or --example cat)")
-  if args.target is None:
-    raise io.InputError("--target is required")
-  return io.load_image(args.image, args.size), args.source or "", args.target, args.edit_words
-
-
 def sweep_command(args: argparse.Namespace) -> int:
   """Runs `lusd-jax sweep` from parsed arguments; writes the grid, the cells and sweep.json.
 
@@ -592,7 +572,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     except ValueError as e:
       raise io.InputError(str(e)) from None
     grid_configs(base, axes)  # every cell valid before the model loads
-    image, source, target, edit_words = _sweep_inputs(args)
+    image, source, target, edit_words = examples.inputs_from_args(args)
     if args.model == loading.TINY_RANDOM:
       print("note: --model tiny-random has random weights: the pictures are meaningless.", file=sys.stderr)
     model = loading.load_model(args.model, dtype=args.dtype)
