@@ -194,11 +194,13 @@ def _forward_fn(s: dict, cfg: BenchConfig):
   import jax
   import jax.numpy as jnp
 
+  from lusd_jax.compiler import jit
+
   unet_fn = s["unet_fn"]
   x_BHWC = jax.random.normal(jax.random.key(2), (2, cfg.latent, cfg.latent, 4), jnp.float32)
   t_B = jnp.array([500, 500], jnp.int32)
   ctx_BLD = jax.random.normal(jax.random.key(3), (2, 77, s["config"].cross_attention_dim), jnp.float32)
-  fwd = jax.jit(lambda p, x, t, c: unet_fn(p, x, t, c, None)[0])
+  fwd = jit(lambda p, x, t, c: unet_fn(p, x, t, c, None)[0])
   return fwd, (s["params"], x_BHWC, t_B, ctx_BLD)
 
 
@@ -364,6 +366,7 @@ def worker_attention(dtype_name: str, impls: list[str], repeats: int, torch: boo
   import jax
   import jax.numpy as jnp
 
+  from lusd_jax.compiler import jit
   from lusd_jax.models import attention
 
   if torch:
@@ -384,7 +387,7 @@ def worker_attention(dtype_name: str, impls: list[str], repeats: int, torch: boo
     timers, row = {}, {}
     for impl in impls:
       try:
-        fn = jax.jit(functools.partial(attention.dot_product_attention, impl=impl)).lower(q, k, v).compile()
+        fn = jit(functools.partial(attention.dot_product_attention, impl=impl)).lower(q, k, v).compile()
         timers[impl] = lambda fn=fn, qkv=(q, k, v): fn(*qkv).block_until_ready()
         timers[impl]()
       except Exception as e:  # noqa: BLE001 - e.g. cuDNN rejecting a head dim: report, go on

@@ -21,23 +21,24 @@ import numpy as np
 
 from lusd_jax import io, prompts
 from lusd_jax import tokenizer as tokenizer_lib
+from lusd_jax.compiler import jit
 from lusd_jax.loading import SDModel
 from lusd_jax.models import clip_text, vae
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jit, static_argnames=("config",))
 def _encode_text(params, ids_BL, *, config):
   return clip_text.encode_text(params, config, ids_BL)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jit, static_argnames=("config",))
 def _encode_image(params, x_BHWC01, *, config):
   """Image in [0, 1] -> scaled latent (posterior mean times scaling_factor, LUSD Alg. 1 line 1)."""
   mean = vae.encode_mean(params, config, x_BHWC01 * 2.0 - 1.0)
   return mean * config.scaling_factor
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jit, static_argnames=("config",))
 def _decode(params, z_BHWC, *, config):
   x = vae.decode(params, config, z_BHWC / config.scaling_factor)
   return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)

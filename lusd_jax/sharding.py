@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lusd_jax import schedule as schedule_lib
+from lusd_jax.compiler import jit
 from lusd_jax.lusd import core
 from lusd_jax.lusd.config import LUSDConfig, LUSDNumeric, LUSDStatic
 
@@ -187,7 +188,7 @@ def device_batches(items: Sequence[T], num_devices: int, per_device: int = 1) ->
 # ----------------------------------------------------------------------------- compiled programs
 
 
-@jax.jit
+@jit
 def init_batch(inputs_B: core.EditInputs, keys_B: jax.Array, numeric_B: LUSDNumeric) -> core.EditState:
   """`core.init_state` of every batch element: the carry before step 0.
 
@@ -220,7 +221,7 @@ def _local_steps(unet_fn, params, inputs_B, state_B, k0, numeric_B, *, static, s
   return jax.vmap(one)(inputs_B, state_B, numeric_B)
 
 
-@functools.partial(jax.jit, static_argnames=("unet_fn", "static", "schedule", "num", "noise_fn", "mesh"))
+@functools.partial(jit, static_argnames=("unet_fn", "static", "schedule", "num", "noise_fn", "mesh"))
 def batch_steps(
   unet_fn, params, inputs_B, state_B, k0, numeric_B, *, static, schedule, num, noise_fn=None, mesh=None
 ):

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from lusd_jax import schedule as schedule_lib
+from lusd_jax.compiler import jit
 from lusd_jax.lusd import gradients
 from lusd_jax.lusd import mask as mask_lib
 from lusd_jax.lusd.config import LUSDConfig, LUSDNumeric, LUSDStatic
@@ -277,7 +278,7 @@ def _seed_step(
   return new_state, stats
 
 
-@jax.jit
+@jit
 def init_state(inputs: EditInputs, keys_S: jax.Array, numeric: LUSDNumeric) -> EditState:
   """The carry before step 0, one per seed: z = z_src, no mask yet.
 
@@ -299,7 +300,7 @@ def init_state(inputs: EditInputs, keys_S: jax.Array, numeric: LUSDNumeric) -> E
   return jax.vmap(one)(keys_S)
 
 
-@functools.partial(jax.jit, static_argnames=("unet_fn", "static", "schedule", "num", "noise_fn"))
+@functools.partial(jit, static_argnames=("unet_fn", "static", "schedule", "num", "noise_fn"))
 def run_steps(unet_fn, params, inputs, state_S, k0, numeric, *, static, schedule, num, noise_fn=None):
   """Runs steps k0, ..., k0 + num - 1 of Algorithm 1 for every seed (steps >= N are no-ops).
 
@@ -338,7 +339,7 @@ def run_steps(unet_fn, params, inputs, state_S, k0, numeric, *, static, schedule
   return jax.vmap(lambda state: jax.lax.scan(step, state, ks))(state_S)
 
 
-@functools.partial(jax.jit, static_argnames=("unet_fn", "static", "schedule", "noise_fn"))
+@functools.partial(jit, static_argnames=("unet_fn", "static", "schedule", "noise_fn"))
 def edit_latents(unet_fn, params, inputs, keys_S, numeric, *, static, schedule, noise_fn=None):
   """The whole optimization as one pure function (vmappable over a stacked `numeric` for sweeps).
 

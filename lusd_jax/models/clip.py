@@ -45,6 +45,7 @@ from PIL import Image
 
 from lusd_jax import tokenizer as tokenizer_lib
 from lusd_jax import weights
+from lusd_jax.compiler import jit
 from lusd_jax.models import clip_text, layers
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -245,7 +246,7 @@ def params_from_torch(
 # ----------------------------------------------------------------------------- features
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
+@functools.partial(jit, static_argnames=("config", "attention_impl"))
 def image_features(params, config: CLIPConfig, pixels_BHWC, attention_impl: str = "auto"):
   """`CLIPModel.get_image_features`: normalised pixels `[B, S, S, 3]` -> `[B, projection_dim]`.
 
@@ -270,7 +271,7 @@ def eos_positions(config: clip_text.CLIPTextConfig, input_ids_BL):
   return jnp.argmax((ids_BL == config.eos_token_id).astype(jnp.int32), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
+@functools.partial(jit, static_argnames=("config", "attention_impl"))
 def text_features(params, config: CLIPConfig, input_ids_BL, attention_impl: str = "auto"):
   """`CLIPModel.get_text_features`: token ids `[B, L]` -> `[B, projection_dim]` (not normalised)."""
   tc = config.text_config

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lusd_jax import weights
+from lusd_jax.compiler import jit
 from lusd_jax.models import attention
 from lusd_jax.models.layers import random_params
 
@@ -288,7 +289,7 @@ def params_from_torch(
   )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "attention_impl"))
+@functools.partial(jit, static_argnames=("config", "dtype", "attention_impl"))
 def encode_text(
   params, config: CLIPTextConfig, input_ids_BL, *, dtype=jnp.float32, attention_impl: str = "auto"
 ):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lusd_jax import weights
+from lusd_jax.compiler import jit
 from lusd_jax.models import attention
 from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3, group_norm, random_params
 
@@ -327,7 +328,7 @@ def params_from_torch(
 
 # `encode_moments` and `decode` are jitted (config and dtype static): one compilation per input
 # shape instead of op-by-op dispatch, and they still work inside a caller's own `jit`.
-_jit = functools.partial(jax.jit, static_argnames=("config", "dtype"))
+_jit = functools.partial(jit, static_argnames=("config", "dtype"))
 
 
 def _apply(params, config: VAEConfig, dtype, method, *args):
