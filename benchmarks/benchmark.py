@@ -500,8 +500,11 @@ def _versions() -> dict:
 def worker_info() -> dict:
   import jax
 
+  from lusd_jax import compiler
+
   d = jax.devices()[0]
-  return dict(platform=d.platform, device=d.device_kind if d.platform != "cpu" else _cpu_model())
+  device = d.device_kind if d.platform != "cpu" else _cpu_model()
+  return dict(platform=d.platform, device=device, compiler_options=compiler.COMPILER_OPTIONS)
 
 
 def _peak_tflops(kind: str, dtype: str) -> float | None:
@@ -615,6 +618,8 @@ def run_benchmark(args) -> None:
     started=started.strftime("%Y-%m-%d %H:%M UTC"),
     minutes=(finished - started).total_seconds() / 60,
     versions=versions,
+    compiler_options=info.get("compiler_options", {}),
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
     command="python benchmarks/benchmark.py " + " ".join(sys.argv[1:]),
   )
   section = render_section(env, results, on_gpu, layers)
@@ -650,6 +655,12 @@ def render_layers(layers: dict) -> list[str]:
   return lines + [""]
 
 
+def _options_text(options: dict | None) -> str:
+  if not options:
+    return "none (XLA's defaults)"
+  return ", ".join(f"`{k}={v}`" for k, v in options.items())
+
+
 def render_section(env: dict, results: list[dict], on_gpu: bool, layers: dict | None = None) -> str:
   v = env["versions"]
   lines = [
@@ -662,6 +673,8 @@ def render_section(env: dict, results: list[dict], on_gpu: bool, layers: dict | 
     "(the machine is shared: times are upper bounds)",
     f"- Versions: Python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, "
     f"optax {v['optax']}, numpy {v['numpy']}, torch {v['torch']}, diffusers {v['diffusers']}",
+    f"- XLA: compiler options of `lusd_jax.compiler.jit` {_options_text(env.get('compiler_options'))}; "
+    f"XLA_FLAGS {'`' + env['xla_flags'] + '`' if env.get('xla_flags') else 'unset'}",
     f"- Command: `{env['command']}`",
     "",
     *render_layers(layers or {}),
