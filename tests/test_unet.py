@@ -158,6 +158,45 @@ def test_sd1_capture_keeps_eps_and_matches_reference(sd1):
   assert sum(k == "self" and tt == 64 for k, tt, _ in records) == 3
 
 
+@pytest.mark.parametrize("capture", [None, (8, 2, (1, 2)), (16, 16, None)])
+def test_shared_sample_equals_the_repeated_sample(sd1, capture):
+  """A [1, ...] sample under a batch of 2 prompts (LUSD's SBP call) is the sample repeated twice: the
+  same eps (PyTorch parity on the repeated batch) and maps, also when the first layers are captured
+  (16x16); and the layers before the first cross-attention really run once (batch 1)."""
+  torch_model, cfg, params = sd1
+  x, ctx = inputs(cfg, 2, 16, 16)
+  x1 = x[:1]
+  spec = None if capture is None else unet.CaptureSpec(*capture)
+  shared, shared_maps = jitted(cfg, spec)(params, x1, 321, ctx)
+  repeated, repeated_maps = jitted(cfg, spec)(params, np.repeat(x1, 2, axis=0), np.array([321, 321]), ctx)
+  ref, _ = torch_forward(torch_model, np.repeat(x1, 2, axis=0), np.array([321, 321]), ctx)
+
+  assert shared.shape == repeated.shape == (2, 16, 16, cfg.out_channels)
+  assert_parity(shared, ref)
+  np.testing.assert_allclose(np.asarray(shared), np.asarray(repeated), rtol=0, atol=1e-5 * np.abs(ref).max())
+  for got, want in zip(shared_maps, repeated_maps, strict=True):
+    assert (got is None) == (want is None)
+    if got is not None:
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=MAPS_ATOL, rtol=0)
+
+  model = unet.UNet2DConditionModel(cfg)
+  jaxpr = jax.make_jaxpr(lambda x: model.apply({"params": params}, x, 321, ctx, capture=spec))(x1)
+  convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  batches = [e.invars[0].aval.shape[0] for e in convs]
+  # conv_in, the first ResNet's two convs and the first transformer's proj_in (a 1x1 conv) see the one
+  # shared row; everything after the first cross-attention sees both. A captured first transformer
+  # takes both rows from its start.
+  shared_convs = 3 if capture == (16, 16, None) else 4
+  assert batches == [1] * shared_convs + [2] * (len(batches) - shared_convs), batches
+
+
+def test_shared_sample_batch_must_be_one(sd1):
+  _, cfg, params = sd1
+  x, ctx = inputs(cfg, 3, 16, 16)
+  with pytest.raises(ValueError, match="sample batch 3 and context batch 2"):
+    jitted(cfg)(params, x, 1, ctx[:2])
+
+
 def test_vmap_and_grad_through_captured_maps(sd1):
   """`jax.vmap` over latents (int scalar timestep, all batch rows captured) matches the batched
   PyTorch forward; the gradient of a function of the maps w.r.t. the latent is finite, non-zero and

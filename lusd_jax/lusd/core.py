@@ -48,7 +48,8 @@ from lusd_jax.lusd.config import LUSDConfig, LUSDNumeric, LUSDStatic
 from lusd_jax.models import unet as unet_lib
 
 # unet_fn(params, sample_BHWC, timesteps_B, context_BLD, capture) -> (out_BHWC, AttentionMaps);
-# a static (hashable) callable. out is what the checkpoint predicts (eps or v).
+# a static (hashable) callable. out is what the checkpoint predicts (eps or v), with context's batch
+# B; sample and timesteps have B rows, or one row shared by all B prompts (the SBP call).
 UNetFn = Callable[..., tuple[jax.Array, unet_lib.AttentionMaps]]
 # noise_fn(key, step, attempt) -> (t int32 [], eps float32 [h, w, c]); a static (hashable) callable.
 NoiseFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]

@@ -57,18 +57,18 @@ def unet_batch(
     ctx_src_LD, ctx_tgt_LD: text embeddings of the source and target prompts.
 
   Returns:
-    (sample_BHWC, timesteps_B, context_BLD) with B = `batch_size(family)`.
+    (sample_BHWC, timesteps_B, context_BLD), context with B = `batch_size(family)` rows; for "sbp"
+    the sample and timestep have one row, shared by both prompts.
   """
   _check(family)
   z_t = schedule_lib.add_noise(abar_T, z_HWC, eps_HWC, t)
   if family == "sds":
     return z_t[None], jnp.reshape(t, (1,)), ctx_tgt_LD[None]
-  z_src_t = schedule_lib.add_noise(abar_T, z_src_HWC, eps_HWC, t) if family == "dds" else z_t
-  return (
-    jnp.stack([z_src_t, z_t]),
-    jnp.broadcast_to(t, (2,)),
-    jnp.stack([ctx_src_LD, ctx_tgt_LD.astype(ctx_src_LD.dtype)]),
-  )
+  ctx_BLD = jnp.stack([ctx_src_LD, ctx_tgt_LD.astype(ctx_src_LD.dtype)])
+  if family == "sbp":  # one noisy latent under both prompts: a shared sample (UNetFn)
+    return z_t[None], jnp.reshape(t, (1,)), ctx_BLD
+  z_src_t = schedule_lib.add_noise(abar_T, z_src_HWC, eps_HWC, t)
+  return jnp.stack([z_src_t, z_t]), jnp.broadcast_to(t, (2,)), ctx_BLD
 
 
 def gradient(family: str, eps_pred_BHWC: jax.Array, eps_HWC: jax.Array) -> jax.Array:

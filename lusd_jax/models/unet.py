@@ -329,6 +329,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTC, context_BSD=None, rows: tuple[int, int] | None = None):
     context_BSD = x_BTC if context_BSD is None else context_BSD
+    if x_BTC.shape[0] != context_BSD.shape[0]:  # one shared sample meets B prompts (UNet docstring)
+      x_BTC = jnp.broadcast_to(x_BTC, (context_BSD.shape[0], *x_BTC.shape[1:]))
     b, t, c = x_BTC.shape
     s = context_BSD.shape[1]
     inner = self.heads * self.head_dim
@@ -437,9 +439,13 @@ class Transformer2DModel(nn.Module):
         return nn.Dense(c, dtype=a.dtype, name=name)
       return nn.Conv(c, (1, 1), dtype=a.dtype, name=name)
 
+    batch = context_BSD.shape[0]
+    capture = _capture_for(spec, h, batch)
+    if capture != _Capture(None, None) and b != batch:  # captured rows index the prompts' batch
+      x_BHWC = jnp.broadcast_to(x_BHWC, (batch, h, w, c))
+      b = batch
     h_BHWC = group_norm("norm", a.groups, TRANSFORMER_GROUP_NORM_EPS, a.dtype)(x_BHWC)
     h_BTC = proj("proj_in")(h_BHWC).reshape(b, h * w, c)
-    capture = _capture_for(spec, h, b)
     maps = _Maps()
     for i in range(self.num_layers):
       block = BasicTransformerBlock(
@@ -447,7 +453,7 @@ class Transformer2DModel(nn.Module):
       )
       h_BTC, block_maps = block(h_BTC, context_BSD, capture)
       maps = maps.merge(block_maps)
-    h_BHWC = proj("proj_out")(h_BTC.reshape(b, h, w, c))
+    h_BHWC = proj("proj_out")(h_BTC.reshape(h_BTC.shape[0], h, w, c))
     return h_BHWC + x_BHWC, maps
 
 
@@ -530,7 +536,7 @@ class UpBlock(nn.Module):
     a = self.args
     skips, maps = list(skips), _Maps()
     for i in range(self.num_layers):
-      x_BHWC = jnp.concatenate([x_BHWC, skips.pop()], axis=-1)
+      x_BHWC = _concat_channels(x_BHWC, skips.pop())
       x_BHWC = ResnetBlock2D(self.out_channels, a.groups, a.eps, dtype=a.dtype, name=f"resnets_{i}")(
         x_BHWC, temb_BD
       )
@@ -541,6 +547,13 @@ class UpBlock(nn.Module):
     if self.add_upsample:
       x_BHWC = Upsample2D(self.out_channels, dtype=a.dtype, name="upsamplers_0")(x_BHWC, upsample_hw)
     return x_BHWC, maps
+
+
+def _concat_channels(x_BHWC, skip_BHWC):
+  """Channel concat; a skip saved before the first cross-attention may still hold the one shared row."""
+  b = max(x_BHWC.shape[0], skip_BHWC.shape[0])
+  widen = lambda a: jnp.broadcast_to(a, (b, *a.shape[1:]))
+  return jnp.concatenate([widen(x_BHWC), widen(skip_BHWC)], axis=-1)
 
 
 class TimestepEmbedding(nn.Module):
@@ -591,9 +604,15 @@ class UNet2DConditionModel(nn.Module):
   def __call__(self, sample_BHWC, timesteps, context_BLD, capture: CaptureSpec | None = None):
     """Predicts the noise (or v, whatever the checkpoint predicts) of a noisy latent.
 
+    A sample of batch 1 with a context of batch B is one noisy latent under B prompts (LUSD's SBP
+    call: both rows noise the same latent at the same t). The layers before the first cross-attention
+    (conv_in, the first ResNet, the first self-attention) then run once instead of B times; the result
+    equals that of the sample repeated B times, up to float rounding.
+
     Args:
-      sample_BHWC: [B, H, W, in_channels] noisy latents.
-      timesteps: scalar or [B], int or float (fractional timesteps are fine).
+      sample_BHWC: [B, H, W, in_channels] noisy latents, or [1, H, W, in_channels] shared by all B.
+      timesteps: scalar or [B], int or float (fractional timesteps are fine); scalar or [1] for a
+        shared sample.
       context_BLD: [B, L, cross_attention_dim] text encoder hidden states.
       capture: which attention maps to return (static); None returns none.
 
@@ -601,7 +620,9 @@ class UNet2DConditionModel(nn.Module):
       (out_BHWC [B, H, W, out_channels] in `dtype`, AttentionMaps).
     """
     cfg = self.config
-    b = sample_BHWC.shape[0]
+    b, bs = context_BLD.shape[0], sample_BHWC.shape[0]
+    if bs not in (1, b):
+      raise ValueError(f"sample batch {bs} and context batch {b} differ (a shared sample has batch 1)")
     if capture is not None:
       _check_capture(capture, b)
     args = _BlockArgs(
@@ -616,7 +637,7 @@ class UNet2DConditionModel(nn.Module):
     n = len(channels)
 
     # diffusers broadcasts a scalar timestep over the batch and embeds it in float32.
-    t_B = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (b,))
+    t_B = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (bs,))
     t_BD = timestep_embedding(t_B, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
     temb_BD = TimestepEmbedding(4 * channels[0], dtype=self.dtype, name="time_embedding")(t_BD)
 
@@ -677,6 +698,7 @@ class UNet2DConditionModel(nn.Module):
       x_BHWC
     )
 
+    out_BHWC = jnp.broadcast_to(out_BHWC, (b, *out_BHWC.shape[1:]))  # no cross-attention: still shared
     if capture is None:
       return out_BHWC, AttentionMaps(None, None)
     return out_BHWC, AttentionMaps(
