@@ -57,6 +57,28 @@ def test_chunked_equals_explicit_softmax_for_any_blocking(causal, t, s, q_chunk,
   np.testing.assert_allclose(out, _expected(q, k, v, causal), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+  ("max_block_scores", "heads_per_block"),
+  [
+    (1, 1),  # below one head's tile: still one head per block
+    (3 * 16 * 8, 3),  # exactly three heads' tiles
+    (5 * 16 * 8, 3),  # five would fit, but blocks take a divisor of the 6 heads
+    (10**9, 6),  # every head in one block
+  ],
+)
+def test_chunked_head_groups_equal_explicit_softmax(causal, max_block_scores, heads_per_block):
+  # B * N = 6 heads, tiles of 16 queries x 8 keys; padded queries and keys in every grouping.
+  assert attention.heads_per_block(6, 16 * 8, max_block_scores) == heads_per_block
+  q, k, v = _qkv(2, 37, 21, 3, 8, seed=11)
+  fn = jax.jit(
+    functools.partial(
+      attention.chunked_attention, causal=causal, q_chunk=16, kv_chunk=8, max_block_scores=max_block_scores
+    )
+  )
+  np.testing.assert_allclose(np.asarray(fn(q, k, v)), _expected(q, k, v, causal), atol=1e-5, rtol=1e-5)
+
+
 def test_chunked_is_stable_for_large_logits():
   # Scores of several hundred overflow exp() without the running max.
   q, k, v = _qkv(1, 40, 40, 2, 8)
@@ -94,17 +116,25 @@ def test_chunked_low_precision_matches_float32_softmax():
 
 
 def test_chunked_keeps_the_scores_out_of_memory():
-  # The compiled program never holds a [B, N, T, S] array: its largest temporary is a block.
-  b, t, n, h = 1, 2048, 2, 8
-  q, k, v = _qkv(b, t, t, n, h)
-  full_bytes = b * n * t * t * 4
-  compiled = jax.jit(attention.chunked_attention).lower(q, k, v).compile()
-  stats = compiled.memory_analysis()
-  if stats is None:
-    pytest.skip("this backend reports no memory analysis")
-  assert stats.temp_size_in_bytes < full_bytes / 4
-  xla = jax.jit(functools.partial(attention.dot_product_attention, impl="xla")).lower(q, k, v).compile()
-  assert xla.memory_analysis().temp_size_in_bytes >= full_bytes
+  # The compiled program never holds a [B, N, T, S] array: its largest temporaries are blocks of at
+  # most `max_block_scores` scores, whatever T is.
+  b, n, h = 1, 2, 8
+
+  def temp_bytes(t, **blocking):
+    spec = jax.ShapeDtypeStruct((b, t, n, h), jnp.float32)
+    compiled = jax.jit(functools.partial(attention.chunked_attention, **blocking)).lower(spec, spec, spec)
+    stats = compiled.compile().memory_analysis()
+    if stats is None:
+      pytest.skip("this backend reports no memory analysis")
+    return stats.temp_size_in_bytes
+
+  full_bytes = lambda t: b * n * t * t * 4
+  assert temp_bytes(4096) < full_bytes(4096) / 4  # default blocks: 4096 x 512 scores of one head
+  small = {"q_chunk": 256, "kv_chunk": 256, "max_block_scores": 256 * 256}
+  assert temp_bytes(2048, **small) < full_bytes(2048) / 16
+  spec = jax.ShapeDtypeStruct((b, 2048, n, h), jnp.float32)
+  xla = jax.jit(functools.partial(attention.dot_product_attention, impl="xla")).lower(spec, spec, spec)
+  assert xla.compile().memory_analysis().temp_size_in_bytes >= full_bytes(2048)
 
 
 def test_auto_resolves_by_backend_and_shape(monkeypatch):

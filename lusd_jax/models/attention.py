@@ -12,9 +12,10 @@ Implementations of `dot_product_attention` (a registry by name, as maxdiffusion 
                [B, N, T, S] scores (1 GiB float32 for SD1.5's 64x64 layers at batch 2).
   "cudnn"      cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, fp16 /
                bf16, head dim a multiple of 8, at most 128, or 256 from Hopper on).
-  "chunked"    `chunked_attention`: query blocks under `lax.map`, each streaming over key blocks
-               with an online softmax in float32 (flash attention written in jnp); memory
-               O(q_chunk x kv_chunk) per block instead of O(T x S). The fast path on CPU.
+  "chunked"    `chunked_attention`: blocks of queries of a group of heads in turn under
+               `lax.map`, each streaming over key blocks with an online softmax in float32 (flash
+               attention written in jnp); memory O(MAX_BLOCK_SCORES) instead of O(B x N x T x S).
+               The fast path on CPU.
   "reference"  `attention_with_probs` without the probabilities (debugging).
   "auto"       `resolve_impl`: cudnn on GPU where it applies, chunked on CPU for long sequences,
                xla otherwise.
@@ -29,15 +30,23 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("xla", "cudnn", "reference", "chunked", "auto")
 
-# Query rows and key columns per block of `chunked_attention`. Measured on a 2-core AMD EPYC
-# (benchmarks/RESULTS.md): for SD1.5's 64x64 self-attention (B=2, N=8, T=S=4096, H=40) blocks of
-# 256 x 512 run about 3x faster than "xla" (whose 1 GiB of float32 scores leave the cache), and
-# the working set per block is 2 * 8 * 256 * 512 * 4 B = 8 MiB.
-DEFAULT_Q_CHUNK = 256
+# Blocks of `chunked_attention`: up to 4096 query rows x 512 key columns of one head, and as many
+# heads per block as fit in 4096 x 512 scores (8 MiB float32). Measured on a 2-core AMD EPYC
+# (benchmarks/RESULTS.md), SD1.5 shapes at batch 2:
+# - 64x64 self-attention (T = S = 4096, 16 heads): one head per block, the 4096 queries against
+#   keys in 8 blocks of 512 runs in 1.03-1.1 s, against 1.2-1.4 s for the earlier blocks of 256 x 512
+#   spanning all 16 heads (batched small matmuls run slower than one [4096, 40] x [40, 512]) and
+#   0.92 s for PyTorch's CPU flash attention; blocks of 512 x 512, 1024 x 1024 or 4096 x 1024 were
+#   no faster.
+# - cross-attention (S = 77): every key fits one block, so heads are grouped (4 at 64x64, all 16 at
+#   32x32) and the loop is short or gone: 1.2-1.5x faster than XLA's attention.
+DEFAULT_Q_CHUNK = 4096
 DEFAULT_KV_CHUNK = 512
-# "auto" on CPU switches to "chunked" from this many scores per (batch, head): T * S >= 512 * 512.
-# Below it the whole score matrix fits in cache and XLA's single pass is as fast.
-CHUNKED_MIN_SCORES = 512 * 512
+MAX_BLOCK_SCORES = 4096 * 512
+# "auto" on CPU switches to "chunked" from this many scores per (batch, head): T * S >= 256 * 256
+# (SD1.5's self-attention from 16x16 latents and cross-attention from 32x32). Below it XLA's
+# attention is as fast.
+CHUNKED_MIN_SCORES = 256 * 256
 # cuDNN flash attention's head-dim limits (jax._src.cudnn.fused_attention_stablehlo).
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 
@@ -64,8 +73,8 @@ def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def _attend_block(q_BNQH, q0, k_DBNKH, v_DBNKH, *, s: int, causal: bool, scale: float):
-  """Attention of one query block [q0, q0 + Q) over all keys, key block by key block.
+def _attend_block(q_GQH, q0, k_DGKH, v_DGKH, *, s: int, causal: bool, scale: float):
+  """Attention of one query block [q0, q0 + Q) of G heads over their keys, key block by key block.
 
   Online softmax (flash attention): a running row max m, row sum l and unnormalized output o, all
   float32; each key block rescales them by exp(m_old - m_new). Keys at positions >= s are padding
@@ -73,57 +82,55 @@ def _attend_block(q_BNQH, q0, k_DBNKH, v_DBNKH, *, s: int, causal: bool, scale: 
   every row and m is finite after the first block.
 
   Args:
-    q_BNQH: [B, N, Q, H] queries.
+    q_GQH: [G, Q, H] queries.
     q0: int32 scalar, position of the block's first query.
-    k_DBNKH, v_DBNKH: [D, B, N, K, H] keys and values in D blocks of K (padded to D * K >= s).
+    k_DGKH, v_DGKH: [D, G, K, H] keys and values in D blocks of K (padded to D * K >= s).
     s: the number of real keys.
     causal: mask keys after the query.
     scale: factor on the float32 scores (1.0 when q is already scaled).
 
   Returns:
-    [B, N, Q, H] float32.
+    [G, Q, H] float32.
   """
-  b, n, q, h = q_BNQH.shape
-  d, _, _, kb, _ = k_DBNKH.shape
+  g, q, h = q_GQH.shape
+  d, _, kb, _ = k_DGKH.shape
   neg = jnp.finfo(jnp.float32).min
   pad = d * kb > s
   rows_Q = q0 + jnp.arange(q, dtype=jnp.int32)
 
   def body(carry, xs):
-    m_BNQ1, l_BNQ1, o_BNQH = carry
-    k_BNKH, v_BNKH, k0 = xs
-    scores_BNQK = jnp.einsum("BNQH,BNKH->BNQK", q_BNQH, k_BNKH, preferred_element_type=jnp.float32)
+    m_GQ1, l_GQ1, o_GQH = carry
+    k_GKH, v_GKH, k0 = xs
+    scores_GQK = jnp.einsum("GQH,GKH->GQK", q_GQH, k_GKH, preferred_element_type=jnp.float32)
     if scale != 1.0:
-      scores_BNQK = scores_BNQK * scale
+      scores_GQK = scores_GQK * scale
     if pad or causal:
       cols_K = k0 + jnp.arange(kb, dtype=jnp.int32)
       visible_QK = jnp.broadcast_to(cols_K[None, :] < s, (q, kb))
       if causal:
         visible_QK = visible_QK & (cols_K[None, :] <= rows_Q[:, None])
-      scores_BNQK = jnp.where(visible_QK, scores_BNQK, neg)
-    m_new_BNQ1 = jnp.maximum(m_BNQ1, jnp.max(scores_BNQK, axis=-1, keepdims=True))
-    p_BNQK = jnp.exp(scores_BNQK - m_new_BNQ1)
+      scores_GQK = jnp.where(visible_QK, scores_GQK, neg)
+    m_new_GQ1 = jnp.maximum(m_GQ1, jnp.max(scores_GQK, axis=-1, keepdims=True))
+    p_GQK = jnp.exp(scores_GQK - m_new_GQ1)
     if pad or causal:
       # exp(neg - m) is 0 unless the whole row was masked so far; make masked keys exactly 0.
-      p_BNQK = jnp.where(visible_QK, p_BNQK, 0.0)
-    rescale_BNQ1 = jnp.exp(m_BNQ1 - m_new_BNQ1)
-    l_BNQ1 = l_BNQ1 * rescale_BNQ1 + jnp.sum(p_BNQK, axis=-1, keepdims=True)
-    pv_BNQH = jnp.einsum(
-      "BNQK,BNKH->BNQH", p_BNQK.astype(v_BNKH.dtype), v_BNKH, preferred_element_type=jnp.float32
-    )
-    return (m_new_BNQ1, l_BNQ1, o_BNQH * rescale_BNQ1 + pv_BNQH), None
+      p_GQK = jnp.where(visible_QK, p_GQK, 0.0)
+    rescale_GQ1 = jnp.exp(m_GQ1 - m_new_GQ1)
+    l_GQ1 = l_GQ1 * rescale_GQ1 + jnp.sum(p_GQK, axis=-1, keepdims=True)
+    pv_GQH = jnp.einsum("GQK,GKH->GQH", p_GQK.astype(v_GKH.dtype), v_GKH, preferred_element_type=jnp.float32)
+    return (m_new_GQ1, l_GQ1, o_GQH * rescale_GQ1 + pv_GQH), None
 
   init = (
-    jnp.full((b, n, q, 1), neg, jnp.float32),
-    jnp.zeros((b, n, q, 1), jnp.float32),
-    jnp.zeros((b, n, q, h), jnp.float32),
+    jnp.full((g, q, 1), neg, jnp.float32),
+    jnp.zeros((g, q, 1), jnp.float32),
+    jnp.zeros((g, q, h), jnp.float32),
   )
   starts_D = jnp.arange(d, dtype=jnp.int32) * kb
   if d == 1:  # one key block: no loop
-    (_, l_BNQ1, o_BNQH), _ = body(init, (k_DBNKH[0], v_DBNKH[0], starts_D[0]))
+    (_, l_GQ1, o_GQH), _ = body(init, (k_DGKH[0], v_DGKH[0], starts_D[0]))
   else:
-    (_, l_BNQ1, o_BNQH), _ = jax.lax.scan(body, init, (k_DBNKH, v_DBNKH, starts_D))
-  return o_BNQH / l_BNQ1
+    (_, l_GQ1, o_GQH), _ = jax.lax.scan(body, init, (k_DGKH, v_DGKH, starts_D))
+  return o_GQH / l_GQ1
 
 
 def chunked_attention(
@@ -134,13 +141,17 @@ def chunked_attention(
   causal: bool = False,
   q_chunk: int = DEFAULT_Q_CHUNK,
   kv_chunk: int = DEFAULT_KV_CHUNK,
+  max_block_scores: int = MAX_BLOCK_SCORES,
 ):
-  """Memory-lean attention: query blocks under `lax.map`, online softmax over key blocks.
+  """Memory-lean attention: blocks of (heads, queries) in turn, online softmax over key blocks.
 
   Equal to `attention_with_probs(...)[0]` up to float32 rounding (scores, softmax and the value
   accumulation are float32 whatever the input dtype; probabilities are cast to v's dtype before the
-  value product, as `attention_with_probs` does). Lengths need not divide the block sizes: queries
-  are padded and sliced off, padded keys get no weight. Each query block is rematerialized
+  value product, as `attention_with_probs` does). The B * N heads are grouped `heads_per_block`
+  at a time; the blocks (query block x head group) run in turn under `lax.map`, each over its heads'
+  keys in blocks of `kv_chunk`, so the live scores are one [g, q_chunk, kv_chunk] tile of at most
+  `max_block_scores` (or one head's tile, if that is larger). Lengths need not divide the block
+  sizes: queries are padded and sliced off, padded keys get no weight. Each block is rematerialized
   (`jax.checkpoint`) so gradients stay lean too.
 
   Args:
@@ -149,6 +160,7 @@ def chunked_attention(
     causal: query i sees keys j <= i (the top-left aligned `jnp.tril` mask).
     q_chunk: query rows per block (capped at T).
     kv_chunk: key columns per block (capped at S).
+    max_block_scores: the most scores one block holds; a block takes `heads_per_block` heads.
 
   Returns:
     out_BTNH: [B, T, N, H] in q's dtype.
@@ -162,25 +174,50 @@ def chunked_attention(
   s = k_BSNH.shape[1]
   q_chunk, kv_chunk = max(1, min(q_chunk, t)), max(1, min(kv_chunk, s))
   c, d = _cdiv(t, q_chunk), _cdiv(s, kv_chunk)
+  heads = b * n
+  g = heads_per_block(heads, q_chunk * kv_chunk, max_block_scores)
+  groups = heads // g
 
   # Float32 queries take the 1 / sqrt(H) scale for free; lower precisions scale the float32 scores
   # (as `attention_with_probs` and `jax.nn.dot_product_attention` do) to avoid a rounding.
   prescale = q_BTNH.dtype == jnp.float32
   scale = h**-0.5
   qp_BTNH = jnp.pad(q_BTNH * scale if prescale else q_BTNH, ((0, 0), (0, c * q_chunk - t), (0, 0), (0, 0)))
-  q_CBNQH = qp_BTNH.reshape(b, c, q_chunk, n, h).transpose(1, 0, 3, 2, 4)
+  # Blocks in the order (query block, head group): X = C * groups blocks of g heads.
+  q_XGQH = qp_BTNH.reshape(b, c, q_chunk, n, h).transpose(1, 0, 3, 2, 4).reshape(c * groups, g, q_chunk, h)
+  groups_X = jnp.tile(jnp.arange(groups, dtype=jnp.int32), c)
+  starts_X = jnp.repeat(jnp.arange(c, dtype=jnp.int32) * q_chunk, groups)
 
   def blocks(x_BSNH):
     x_BSNH = jnp.pad(x_BSNH, ((0, 0), (0, d * kv_chunk - s), (0, 0), (0, 0)))
-    return x_BSNH.reshape(b, d, kv_chunk, n, h).transpose(1, 0, 3, 2, 4)
+    x_BDKNH = x_BSNH.reshape(b, d, kv_chunk, n, h)
+    return x_BDKNH.transpose(0, 3, 1, 2, 4).reshape(groups, g, d, kv_chunk, h).transpose(0, 2, 1, 3, 4)
 
-  k_DBNKH, v_DBNKH = blocks(k_BSNH), blocks(v_BSNH)
+  k_PDGKH, v_PDGKH = blocks(k_BSNH), blocks(v_BSNH)  # P = groups
   attend = functools.partial(_attend_block, s=s, causal=causal, scale=1.0 if prescale else scale)
   attend = jax.checkpoint(attend)
-  starts_C = jnp.arange(c, dtype=jnp.int32) * q_chunk
-  out_CBNQH = jax.lax.map(lambda xs: attend(xs[0], xs[1], k_DBNKH, v_DBNKH), (q_CBNQH, starts_C))
-  out_BTNH = out_CBNQH.transpose(1, 0, 3, 2, 4).reshape(b, c * q_chunk, n, h)[:, :t]
-  return out_BTNH.astype(q_BTNH.dtype)
+
+  def one_block(xs):
+    q_GQH, group, q0 = xs
+    return attend(q_GQH, q0, k_PDGKH[group], v_PDGKH[group])
+
+  if c * groups == 1:  # a single block: no loop
+    out_XGQH = one_block((q_XGQH[0], groups_X[0], starts_X[0]))[None]
+  else:
+    out_XGQH = jax.lax.map(one_block, (q_XGQH, groups_X, starts_X))
+  out_BTNH = out_XGQH.reshape(c, b, n, q_chunk, h).transpose(1, 0, 3, 2, 4).reshape(b, c * q_chunk, n, h)
+  return out_BTNH[:, :t].astype(q_BTNH.dtype)
+
+
+def heads_per_block(heads: int, tile_scores: int, max_block_scores: int = MAX_BLOCK_SCORES) -> int:
+  """How many of `heads` (batch x heads) `chunked_attention` takes per block: the largest divisor g
+  of `heads` with g * `tile_scores` <= `max_block_scores`, at least 1.
+
+  >>> heads_per_block(16, 4096 * 512), heads_per_block(16, 4096 * 77), heads_per_block(16, 1024 * 77)
+  (1, 4, 16)
+  """
+  fits = [g for g in range(1, heads + 1) if heads % g == 0 and g * tile_scores <= max_block_scores]
+  return max(fits, default=1)
 
 
 def _cudnn_max_head_dim() -> int:
