@@ -49,6 +49,76 @@ class InputError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
+# Checks that run before any model loads
+
+
+SEED_LIMIT = 2**32  # jax.random.key takes a uint32 seed
+
+
+def check_seeds(seeds: Iterable[Any], flag: str = "--seeds") -> tuple[int, ...]:
+  """Checks a list of seeds: at least one, integers in [0, 2**32), no repeats.
+
+  Args:
+    seeds: the seeds of an edit (`jax.random.key(seed)` each).
+    flag: how the message names the input (`--seeds` on the command line, `seeds` in Python).
+
+  Returns:
+    The seeds as a tuple of Python ints.
+
+  Raises:
+    InputError: naming `flag` and the bad seed.
+  """
+  seeds = list(seeds)
+  if not seeds:
+    raise InputError(f"{flag}: give at least one seed")
+  out = []
+  for s in seeds:
+    if isinstance(s, bool) or not isinstance(s, int | np.integer):
+      raise InputError(f"{flag}: seeds must be integers, got {s!r}")
+    if not 0 <= int(s) < SEED_LIMIT:
+      raise InputError(f"{flag}: seed {int(s)} is outside [0, 2**32)")
+    out.append(int(s))
+  repeated = sorted({s for s in out if out.count(s) > 1})
+  if repeated:
+    raise InputError(f"{flag}: seed {repeated[0]} is repeated in {out}")
+  return tuple(out)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+  """Checks, before any compute, that results can be written to folder `path`.
+
+  The folder may not exist yet (it is created when the first result is written); then its nearest
+  existing parent must be a writable folder. Writability is probed by creating and removing a
+  temporary file, which also catches read-only file systems where `os.access` says yes (root).
+
+  Args:
+    path: the output folder.
+    flag: the command-line flag (or argument) that named it, for the message.
+
+  Returns:
+    `path` as a `Path`.
+
+  Raises:
+    InputError: `path` (or a parent) is a file, or the folder cannot be written.
+  """
+  p = Path(path).expanduser()
+  if p.exists() and not p.is_dir():
+    raise InputError(f"{flag}: {p} is a file, not a folder")
+  existing = p
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise InputError(f"{flag}: cannot create {p}: {existing} is a file")
+  try:
+    fd, probe = tempfile.mkstemp(dir=existing, prefix=".lusd_jax_write_test.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise InputError(f"{flag}: cannot write to {existing} ({e.strerror or e})") from None
+  return p
+
+
+# ----------------------------------------------------------------------------------------------
 # Size and geometry
 
 
