@@ -2,7 +2,11 @@
 
 LUSD builds its spatial mask from the cross-attention of the nouns that the edit adds or changes
 (LUSD supplementary Sec. 6.1). This module turns a (source, target) prompt pair into those token
-positions, offline and deterministically, and says in one line what it did:
+positions, offline and deterministically, and says in one line what it did. Two rules infer them:
+`rule="paper"` (the default, this project's reading of Sec. 6.1) and `rule="official"` (the official
+code, reproduced bugs included). Both use the same words, tagger and noun tags.
+
+The paper rule:
 
   1. Split both prompts into words (`\\w+`); drop the longest common prefix, then the longest common
      suffix of what remains (compared case-insensitively, because CLIP lower-cases its input). The
@@ -16,21 +20,35 @@ positions, offline and deterministically, and says in one line what it did:
      character offsets so punctuation ("t-shirt", "dog's") cannot shift the count. All sub-tokens by
      default; `subtokens="last"` keeps the last one, as the official LUSD code does.
 
-Deliberate differences from the official code (`sincostanx/LUSD`, `colocation/prompt_utils.py`),
-which this otherwise follows:
-  - It marks target words that differ *position by position* from the source (after removing the
-    common suffix) and then counts tokens of the space-joined words before them. That mis-counts
-    when punctuation splits a word ("t-shirt" is 3 CLIP tokens, "t shirt" 2) and when equal words
-    reappear inside the changed region. Here the substring is the contiguous middle and positions
-    come from character offsets.
-  - Words are tagged lower-cased: CLIP sees "A Cat Wearing A Party Hat" exactly as "a cat wearing
-    a party hat", but the tagger calls every capitalized word a proper noun (NNP), which would
-    silently yield no mask.
+The official rule (`sincostanx/LUSD`, `colocation/prompt_utils.py`: `find_prompt_difference` and
+`compute_target_index`) is bug-compatible: it yields the positions that code yields, for comparing
+results with the released implementation. Its quirks, each of which the paper rule avoids:
+  - Suffix, then position by position: it removes the longest common suffix only, then marks every
+    remaining target word that differs from the source word *at the same index* (or has none). Words
+    equal at the same index are skipped even inside the change; an insertion displaces later words,
+    which then differ.
+  - Case-sensitive: words are compared as written ("A" != "a"), tagged as written (a capitalized noun
+    is usually NNP, so not a noun), and only lower-case "a", "an", "the" count as articles.
+  - The tokens before the first marked word are counted from the first `len(target) - suffix -
+    len(differing)` target words, i.e. from the *number* of differing words, not from where they are:
+    "a cup of coffee" -> "a bottle of wine" differs in "bottle" and "wine", counts "a bottle" first,
+    and marks tokens 3 ("of") and 4 ("wine").
+  - Token counts come from the space-joined words, so punctuation before the change is not counted
+    ("a man in a t-shirt holding a cup" marks token 9, "a", not 10, "cup": "t-shirt" is 3 tokens).
+  - One position per noun: its last sub-token in that count (`subtokens` does not apply).
+  Positions outside the 75 visible content tokens are dropped with a warning (the official code would
+  index past them); the explanation names the real tokens marked, so a shifted position shows.
+
+Deliberate differences of the paper rule from the official code, which it otherwise follows: the
+differing substring is the contiguous middle, positions come from character offsets, and words are
+tagged lower-cased (CLIP sees "A Cat Wearing A Party Hat" exactly as "a cat wearing a party hat", but
+the tagger calls every capitalized word a proper noun (NNP), which would silently yield no mask).
 
 Which occurrence of a repeated word? Inferred edit words are taken by their index inside the
 differing substring, so "a cat" -> "a cat and a cat" marks the second "cat" only. For `edit_words`
 given by the user, occurrences inside the differing substring win; a word that does not occur there
-marks all its occurrences in the target.
+marks all its occurrences in the target. `edit_words=` and `token_positions=` work the same under
+both rules.
 
 The tagger runs offline: NLTK's installed `averaged_perceptron_tagger_eng` data when present, else
 the averaged-perceptron model shipped inside the `textblob-aptagger` wheel (MIT), loaded into NLTK's
@@ -50,11 +68,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lusd_jax.tokenizer import MAX_LENGTH
+from lusd_jax.tokenizer import MAX_LENGTH, tokenize
 
 NOUN_TAGS = ("NN", "NNS")
 ARTICLES = ("a", "an", "the")
 PREPOSITION_TAG = "IN"
+RULES = ("paper", "official")
 # Content tokens sit at 1..75: position 0 is BOS and position 76 is EOS once a prompt is truncated.
 LAST_CONTENT_POSITION = MAX_LENGTH - 2
 NO_EDIT_NOTICE = "no edit words found: uniform mask (no spatial regularization)"
@@ -73,7 +92,9 @@ class EditTokens(NamedTuple):
   columns. Empty `positions` means LUSD without spatial regularization: a uniform mask.
   """
 
-  differing_words: tuple[str, ...]  # target words left after removing the common prefix/suffix
+  # Target words left after removing the common prefix/suffix; under rule="official", the target
+  # words that differ position by position after removing the common suffix.
+  differing_words: tuple[str, ...]
   extended_words: tuple[str, ...]  # words appended by the "extend until a noun" rule (often empty)
   edit_words: tuple[str, ...]  # the nouns (or the user's words) whose tokens are marked
   positions: tuple[int, ...]  # sorted, unique, each in [1, 75]
@@ -294,6 +315,67 @@ def differing_span(source_words: Sequence[str], target_words: Sequence[str]) -> 
   return p, len(t) - q
 
 
+class OfficialDifference(NamedTuple):
+  """What the official LUSD code finds in a prompt pair (`find_prompt_difference`), quirks included."""
+
+  prior_words: tuple[str, ...]  # target words whose tokens are counted before the first marked word
+  differing_words: tuple[str, ...]  # target words differing at the same index, after the common suffix
+  extended_words: tuple[str, ...]  # suffix words appended up to the first noun (often empty)
+  is_noun: tuple[bool, ...]  # one per differing word, then per extended word
+
+
+def official_difference(
+  source_words: Sequence[str], target_words: Sequence[str], target_tags: Sequence[str]
+) -> OfficialDifference:
+  """The official code's differing words, reproduced bug for bug (see the module docstring).
+
+  Args:
+    source_words: `\\w+` words of the source prompt, as written.
+    target_words: `\\w+` words of the target prompt, as written.
+    target_tags: one POS tag per target word, tagged as written (case-sensitive).
+
+  Returns:
+    An `OfficialDifference`. Example: `["a", "cup", "of", "coffee"]` -> `["a", "bottle", "of",
+    "wine"]` gives differing `("bottle", "wine")` but prior `("a", "bottle")`: the prior is the first
+    `len(target) - suffix - len(differing)` words, wherever the differing words are.
+  """
+  s, t = list(source_words), list(target_words)
+  if len(target_tags) != len(t):
+    raise ValueError(f"expected {len(t)} tags, got {len(target_tags)}")
+  suffix = 0
+  while suffix < min(len(s), len(t)) and s[-1 - suffix] == t[-1 - suffix]:  # exact, case-sensitive
+    suffix += 1
+  head = len(t) - suffix
+  diff = [i for i in range(head) if i >= len(s) or s[i] != t[i]]  # position by position
+  is_noun = [target_tags[i] in NOUN_TAGS for i in diff]
+  extended: list[str] = []
+  if diff:
+    last = diff[-1]
+    if not is_noun[-1] and t[last] not in ARTICLES and target_tags[last] != PREPOSITION_TAG:
+      for i in range(head, len(t)):  # into the common suffix, up to and including the first noun
+        extended.append(t[i])
+        is_noun.append(target_tags[i] in NOUN_TAGS)
+        if is_noun[-1]:
+          break
+  return OfficialDifference(
+    prior_words=tuple(t[: head - len(diff)]),
+    differing_words=tuple(t[i] for i in diff),
+    extended_words=tuple(extended),
+    is_noun=tuple(is_noun),
+  )
+
+
+def _official_positions(tokenizer, diff: OfficialDifference) -> list[tuple[str, int]]:
+  """(noun, position) pairs as `compute_target_index` counts them: BPE tokens of each word alone."""
+  counter = len(tokenizer.tokenize(" ".join(diff.prior_words)))
+  out = []
+  for word, noun in zip(diff.differing_words + diff.extended_words, diff.is_noun, strict=True):
+    counter += len(tokenizer.tokenize(word))
+    if noun:
+      out.append((word, counter))
+  return out
+
+
 def _positions_of(
   word_positions: list[tuple[int, ...]], indices: Sequence[int], words: Sequence[str], subtokens: str
 ) -> tuple[list[int], list[str], list[str]]:
@@ -321,6 +403,7 @@ def find_edit_tokens(
   subtokens: str = "all",
   *,
   tagger: Callable[[list[str]], list[tuple[str, str]]] | None = None,
+  rule: str = "paper",
 ) -> EditTokens:
   """The CLIP token positions of the edited nouns of a prompt pair (LUSD supp. Sec. 6.1).
 
@@ -332,9 +415,11 @@ def find_edit_tokens(
       ["party", "hat"]; each must occur in the target prompt (case-insensitive).
     token_positions: skip inference and mark these positions (BOS = 0; each must be a content
       token of the target within the 77-token limit).
-    subtokens: "all" marks every sub-token of a word ("matcha" -> "mat", "cha"); "last" marks the
-      last one only, as the official LUSD code does.
+    subtokens: "all" marks every sub-token of a word ("necktie" -> "neck", "tie"); "last" marks the
+      last one only, as the official LUSD code does. Ignored by `rule="official"` inference.
     tagger: POS tagger `words -> [(word, tag)]`; default `pos_tag` (offline NLTK perceptron).
+    rule: how inference picks the tokens: "paper" (the project's rule) or "official" (the official
+      LUSD code's positions, bugs included; see the module docstring). Overrides ignore it.
 
   Returns:
     An `EditTokens`; `explanation` is one line meant to be printed before editing. When no edit
@@ -343,9 +428,13 @@ def find_edit_tokens(
   Example:
     >>> find_edit_tokens(tok, "a cat", "a cat wearing a party hat").positions
     (5, 6)
+    >>> find_edit_tokens(tok, "a cup of coffee", "a bottle of wine", rule="official").positions
+    (3, 4)
   """
   if subtokens not in ("all", "last"):
     raise ValueError(f"subtokens must be 'all' or 'last', got {subtokens!r}")
+  if rule not in RULES:
+    raise ValueError(f"rule must be 'paper' or 'official', got {rule!r}")
   if edit_words is not None and token_positions is not None:
     raise ValueError("pass edit_words or token_positions, not both")
   source_prompt = source_prompt or ""
@@ -361,6 +450,10 @@ def find_edit_tokens(
 
   if token_positions is not None:
     return _given_positions(tokenizer, target_prompt, differing, token_positions)
+
+  if edit_words is None and rule == "official":
+    *found, why, shown = _infer_official(tokenizer, src, tgt, target_prompt, tagger or pos_tag)
+    return _edit_tokens(*found, "inferred", why, shown)
 
   word_positions = word_token_positions(tokenizer, target_prompt)
   extended: list[str] = []
@@ -386,23 +479,66 @@ def find_edit_tokens(
       why += f", extended to {quote(start, span_end)}"
 
   positions, kept, dropped = _positions_of(word_positions, indices, tgt, subtokens)
+  return _edit_tokens(differing, extended, positions, kept, dropped, source, why, "")
+
+
+def _infer_official(tokenizer, src: list[str], tgt: list[str], target_prompt: str, tagger):
+  """Inference by the official code's rule: (differing, extended, positions, kept, dropped, why, shown)."""
+  tags = [t for _, t in tagger(list(tgt))]  # words as written, as the official code tags them
+  diff = official_difference(src, tgt, tags)
+  ids = [int(i) for i in tokenize(tokenizer, [target_prompt])[0]]  # [77], as the text encoder sees it
+  positions, kept, dropped, wrong = [], [], [], []
+  for word, p in _official_positions(tokenizer, diff):
+    # Past 75 the official code indexes EOS or beyond the 77 tokens: dropped, as the paper rule does.
+    # Short of it the count may still pass the prompt's last word (onto EOS/padding): kept, as there.
+    if not 1 <= p <= LAST_CONTENT_POSITION:
+      dropped.append(word)
+      continue
+    positions.append(p)
+    kept.append(word)
+    # The count can land off the noun (see the module docstring): say which token is marked instead.
+    if tokenizer.convert_ids_to_tokens(ids[p]) not in tokenizer.tokenize(word)[-1:]:
+      wrong.append(f'token {p} is "{_token_text(tokenizer, ids[p])}", not "{word}"')
+  differing = diff.differing_words
+  why = "official rule, bug-compatible: " + (
+    f'differing "{" ".join(differing)}"' if differing else "no differing words"
+  )
+  if diff.extended_words:
+    why += f', extended with "{" ".join(diff.extended_words)}"'
+  if wrong:
+    why += "; " + ", ".join(wrong)
+  shown = " = " + ", ".join(_token_text(tokenizer, ids[p]) for p in sorted(set(positions)))
+  return differing, diff.extended_words, positions, kept, dropped, why, shown
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+  """One token as text, e.g. "tie" for "tie</w>" and "café" for its byte-level spelling."""
+  return (
+    tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
+    .replace("</w>", "")
+    .strip()
+  )
+
+
+def _edit_tokens(differing, extended, positions, kept, dropped, source, why, shown) -> EditTokens:
+  """The record, its one-line explanation and its warnings (caller of `find_edit_tokens` blamed)."""
   positions = sorted(set(positions))
   if dropped:
     warnings.warn(
       f"edit words past CLIP's {MAX_LENGTH}-token limit are ignored: {', '.join(dropped)}",
       UserWarning,
-      stacklevel=2,
+      stacklevel=3,
     )
   if positions:
-    explanation = f"edit words: {', '.join(kept)} -> tokens {positions} ({why})"
+    explanation = f"edit words: {', '.join(kept)} -> tokens {positions}{shown} ({why})"
   else:
     explanation = f"{NO_EDIT_NOTICE} ({why})"
   if dropped:
     explanation += f"; dropped past the {MAX_LENGTH}-token limit: {', '.join(dropped)}"
   if not positions:
-    warnings.warn(explanation, UserWarning, stacklevel=2)
+    warnings.warn(explanation, UserWarning, stacklevel=3)
   return EditTokens(
-    differing_words=differing,
+    differing_words=tuple(differing),
     extended_words=tuple(extended),
     edit_words=tuple(kept),
     positions=tuple(positions),
