@@ -355,6 +355,7 @@ def optimize_batch(
     rejections=stats.rejections,
     hit_max_attempts=stats.hit_max_attempts,
     grad_std=stats.grad_std,
+    zero_gradient=stats.zero_gradient,
     snapshot_steps=tuple(snap_steps),
     z_snapshots=np.stack(snaps_z, axis=1) if snapshot_every else None,
     mask_snapshots=np.stack(snaps_m, axis=1) if snapshot_every else None,

@@ -13,7 +13,7 @@ target row's maps; every gradient family is read from that one call:
 
 Config switches are followed literally:
   - paper: t drawn once per step, eps redrawn on rejection; mask from this step's accepted call;
-    beta_k = k / N.
+    beta_k = k / N for steps numbered k = 1..N.
   - official (`LUSDConfig.official()`): t and eps redrawn together; the mask of step k comes from
     the maps stored after step k-1's optimizer step (`latest_store`), so step 0 uses M = 1;
     beta_k = np.linspace(0, 1, N)[k]; t < min(t_max, T) - 1; an all-zero direction is accepted.
@@ -116,6 +116,8 @@ def run_reference(
         margins.append(abs(s - eta) / eta)
       if c.accept_zero_direction and np.all((1 - lam) * g + lam * (z - z_src) == 0):
         accept = True
+      if np.all(g == 0):  # safety net: no redraw can help when the prompts are equal to the U-Net
+        accept = True
       if accept:
         break
       if attempt >= c.max_attempts:
@@ -130,7 +132,8 @@ def run_reference(
       if source is not None:
         m = official_mask(*source, edit_index, (h, w))
         ema = m if ema is None else (1 - c.cross_attn_momentum) * ema + c.cross_attn_momentum * m
-    beta = np.linspace(0, 1, n)[k] if c.beta_linspace else k / n
+    # Paper: beta_k = k / N over steps numbered 1..N (k here counts from 0).
+    beta = np.linspace(0, 1, n)[k] if c.beta_linspace else (k + 1) / n
     m_used = ema if ema is not None else np.ones((h, w))
     m_hat = beta * m_used + (1 - beta) if c.spatial_reg else np.ones((h, w))
 

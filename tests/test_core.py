@@ -405,16 +405,30 @@ class RowsAgreeUNet:
     return jnp.broadcast_to(out_BHWC[-1:], out_BHWC.shape), maps
 
 
-def test_identical_prompts_official_accepts_the_zero_update(params, inputs):
+def test_identical_prompts_end_the_redraws_at_once(params, inputs):
   same = inputs._replace(ctx_tgt=inputs.ctx_src)
   unet = RowsAgreeUNet()
-  # g = 0: the paper's filter never passes (std 0 < eta) and every step ends at max_attempts ...
-  paper = run_compiled(params, same, LUSDConfig(num_steps=N, max_attempts=3), unet=unet)
-  assert paper.hit_max_attempts.all()
-  # ... the official code accepts the all-zero direction at once, and z never moves.
+  # g = 0 exactly: std 0 never passes the paper's filter, and no redraw can change that. The safety
+  # net ends each step's redraws at the first draw (not after max_attempts U-Net calls) and counts it.
+  config = LUSDConfig(num_steps=N, max_attempts=1000)
+  paper = run_compiled(params, same, config, unet=unet)
+  np.testing.assert_array_equal(paper.rejections, 0)
+  assert paper.zero_gradient.all() and not paper.hit_max_attempts.any()
+  np.testing.assert_array_equal(paper.z[0], inputs.z_src)  # z = z_src, so the L2 pull is 0 as well
+  # The official code accepts the all-zero direction at once too, and z never moves.
   official = run_compiled(params, same, LUSDConfig.official(num_steps=N, max_attempts=3), unet=unet)
   np.testing.assert_array_equal(official.rejections, 0)
   np.testing.assert_array_equal(official.z[0], inputs.z_src)
+  # Different prompts: g is never exactly zero.
+  assert not run_compiled(params, inputs, config.replace(lr=LR)).zero_gradient.any()
+
+
+def test_beta_schedule_paper_reaches_one_official_starts_at_zero():
+  paper, official = LUSDConfig(num_steps=4).numeric(), LUSDConfig.official(num_steps=4).numeric()
+  ks = jnp.arange(4)
+  # Paper Alg. 1 numbers the steps k = 1..N: beta_k = k / N, the last step uses the whole mask.
+  np.testing.assert_allclose(core.beta_schedule(paper, ks, 4), [0.25, 0.5, 0.75, 1.0])
+  np.testing.assert_allclose(core.beta_schedule(official, ks, 4), [0.0, 1 / 3, 2 / 3, 1.0], rtol=1e-6)
 
 
 def test_optimize_reports_progress_and_snapshots(params, inputs):

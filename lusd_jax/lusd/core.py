@@ -107,6 +107,7 @@ class StepStats(NamedTuple):
   finite: jax.Array  # bool, g and the updated z are free of NaN/inf
   grad_std: jax.Array  # float32, std(g) of the used draw
   threshold: jax.Array  # float32, eta when the loop ended
+  zero_gradient: jax.Array  # bool, the used draw's g was exactly zero (redraws ended at once)
 
 
 def default_noise(key, step, attempt, *, t_lo, t_hi, shape):
@@ -131,9 +132,13 @@ def gamma_schedule(numeric: LUSDNumeric, k: jax.Array, num_steps: int) -> jax.Ar
 
 
 def beta_schedule(numeric: LUSDNumeric, k: jax.Array, num_steps: int) -> jax.Array:
-  """Mask strength beta_k: k / N (paper), or linspace(0, 1, N)[k] = k / (N - 1) (official)."""
+  """Mask strength beta at step index k = 0..N-1.
+
+  Paper (Alg. 1, steps numbered k = 1..N): beta_k = k / N, i.e. (k + 1) / N for the 0-based index,
+  so the last step uses the full mask. Official code: linspace(0, 1, N)[k] = k / (N - 1).
+  """
   linspace = k / (num_steps - 1) if num_steps > 1 else jnp.zeros_like(k, jnp.float32)
-  return jnp.where(numeric.beta_linspace, linspace, k / num_steps)
+  return jnp.where(numeric.beta_linspace, linspace, (k + 1) / num_steps)
 
 
 def capture_spec(static: LUSDStatic, latent_hw: tuple[int, int]) -> unet_lib.CaptureSpec:
@@ -158,6 +163,7 @@ class _Draw(NamedTuple):
   self_attn: jax.Array  # [N_s, N_s] float32
   cross_attn: jax.Array  # [N_c, L] float32
   grad_std: jax.Array  # float32
+  zero_g: jax.Array  # bool, g is exactly zero
 
 
 def _seed_step(
@@ -211,8 +217,12 @@ def _seed_step(
     ok = ~numeric.filtering | (std_g >= d.eta)
     ok = ok | ~jnp.isfinite(std_g)  # a NaN never passes: stop drawing, report it after the step
     ok = ok | (numeric.accept_zero_direction & jnp.all((1.0 - lam) * g + lam * (z - z_src) == 0))
+    # Safety net: g exactly 0 means the U-Net sees no difference between the prompts; every redraw
+    # would give 0 again, so end the step's redraws now (counted in StepStats.zero_gradient).
+    zero_g = jnp.all(g == 0)
+    ok = ok | zero_g
     eta = jnp.where(ok, d.eta, d.eta * numeric.threshold_decay_rate)
-    return _Draw(d.attempts + 1, eta, ok, t, g, self_attn, cross_attn, std_g)
+    return _Draw(d.attempts + 1, eta, ok, t, g, self_attn, cross_attn, std_g, zero_g)
 
   n_self, n_cross = (h // 2) * (w // 2), (h // 4) * (w // 4)
   init = _Draw(
@@ -224,6 +234,7 @@ def _seed_step(
     self_attn=jnp.zeros((n_self, n_self), jnp.float32),
     cross_attn=jnp.zeros((n_cross,) + inputs.edit_mask.shape, jnp.float32),
     grad_std=jnp.float32(0.0),
+    zero_g=jnp.bool_(False),
   )
   d = jax.lax.while_loop(keep_drawing, draw, init)
   g = d.g
@@ -275,6 +286,7 @@ def _seed_step(
     finite=~active | (jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(z_new))),
     grad_std=d.grad_std,
     threshold=d.eta,
+    zero_gradient=active & d.zero_g,
   )
   return new_state, stats
 
@@ -372,6 +384,7 @@ class EditOutput(NamedTuple):
   rejections: np.ndarray  # [S, N] rejected draws at each step
   hit_max_attempts: np.ndarray  # [S, N] bool
   grad_std: np.ndarray  # [S, N] std(g) of the used draw
+  zero_gradient: np.ndarray  # [S, N] bool, g was exactly zero (redraws ended at once)
   snapshot_steps: tuple[int, ...]  # [K] steps completed at each snapshot
   z_snapshots: np.ndarray | None  # [S, K, h, w, c]
   mask_snapshots: np.ndarray | None  # [S, K, h, w] M_k at each snapshot
@@ -458,6 +471,7 @@ def optimize(
     rejections=stats.rejections,
     hit_max_attempts=stats.hit_max_attempts,
     grad_std=stats.grad_std,
+    zero_gradient=stats.zero_gradient,
     snapshot_steps=tuple(snap_steps),
     z_snapshots=np.stack(snaps_z, axis=1) if snapshot_every else None,
     mask_snapshots=np.stack(snaps_m, axis=1) if snapshot_every else None,
