@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from lusd_jax import loading
+from lusd_jax import io, loading
 
 
 def _single_file_to_diffusers(path: str, out_dir: str, config: str | None) -> str:
@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = p.parse_args(argv)
   try:
+    io.check_output_dir(args.out, "OUT")  # before minutes of loading
     model = convert(args.src, args.out, args.dtype, args.single_file_config)
-  except (loading.ModelLoadError, AssertionError) as e:
+  except (loading.ModelLoadError, io.InputError, AssertionError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   n = sum(x.size for x in jax.tree.leaves(model.params))

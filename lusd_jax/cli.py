@@ -85,7 +85,10 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from lusd_jax import __version__
+
   p = _Parser(prog="lusd-jax", description="LUSD text-guided image editing on Stable Diffusion, in JAX.")
+  p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   e = sub.add_parser(
@@ -110,11 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--output-dir", required=True)
   _add_common_arguments(b)
 
-  c = sub.add_parser("convert", help="convert a checkpoint to the fast-loading format")
-  c.add_argument("src")
-  c.add_argument("out")
-  c.add_argument("--dtype", default="float32")
-  c.add_argument("--single-file-config", default=None)
+  c = sub.add_parser(
+    "convert",
+    help="convert a checkpoint to the fast-loading format",
+    description="Convert a Stable Diffusion 1.x/2.x checkpoint into lusd-jax's fast-loading folder (Flax "
+    "param trees in safetensors plus configs and the tokenizer), then load it back and verify every "
+    "parameter (round trip). Load the result with --model OUT.",
+  )
+  c.add_argument("src", help="diffusers folder, hub id, or single-file .ckpt/.safetensors (needs torch)")
+  c.add_argument("out", help="output folder (created; must not be a file)")
+  c.add_argument("--dtype", default="float32", help="dtype of the stored params (default %(default)s)")
+  c.add_argument(
+    "--single-file-config",
+    default=None,
+    help="diffusers folder or hub id giving the architecture of a single-file SRC (default: inferred)",
+  )
 
   from lusd_jax.sweeps import add_sweep_arguments
 
@@ -137,20 +150,47 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _seeds(args) -> list[int]:
-  from lusd_jax.io import InputError
+# Arguments of the Python API whose flag is not "--" + the name with dashes.
+_FLAGS = {
+  "seeds": "--seeds",
+  "source_prompt": "--source",
+  "target_prompt": "--target",
+}
 
-  seeds = (
-    args.seeds if args.seeds is not None else list(range(args.init_seed, args.init_seed + args.num_seed))
-  )
-  if not seeds:
-    raise InputError("--seeds: give at least one seed")
-  if len(set(seeds)) != len(seeds):
-    raise InputError(f"--seeds: repeated seed in {seeds}")
-  return seeds
+
+def flag_name(name: str) -> str:
+  """The command-line flag of an API argument or `LUSDConfig` field: "t_max" -> "--t-max"."""
+  return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def config_from_flags(base, overrides: dict):
+  """`base.replace(**overrides)`; an out-of-range value is an `InputError` naming its flag."""
+  import re
+
+  from lusd_jax.io import InputError
+  from lusd_jax.lusd.config import ConfigError, LUSDConfig
+
+  try:
+    return base.replace(**overrides)  # validates (LUSDConfig.__post_init__)
+  except ConfigError as e:
+    fields = "|".join(f.name for f in dataclasses.fields(LUSDConfig))
+    problem = re.sub(rf"\b({fields})\b", lambda m: flag_name(m.group()), e.problem)
+    raise InputError(f"{flag_name(e.field)} {problem}") from None
+
+
+def _seeds(args) -> tuple[int, ...]:
+  from lusd_jax import io
+
+  if args.seeds is not None:
+    return io.check_seeds(args.seeds, "--seeds")
+  if args.num_seed < 1:
+    raise io.InputError(f"--num-seed must be >= 1, got {args.num_seed}")
+  io.check_seeds([args.init_seed], "--init-seed")
+  return io.check_seeds(range(args.init_seed, args.init_seed + args.num_seed), "--init-seed/--num-seed")
 
 
 def _config(args):
+  from lusd_jax import io
   from lusd_jax.lusd.config import LUSDConfig
 
   base = LUSDConfig.official() if args.preset == "official" else LUSDConfig()
@@ -159,7 +199,45 @@ def _config(args):
     for f in dataclasses.fields(LUSDConfig)
     if getattr(args, f"cfg_{f.name}", None) is not None
   }
-  return dataclasses.replace(base, **overrides)  # validates (LUSDConfig.__post_init__)
+  config = config_from_flags(base, overrides)
+  if getattr(args, "save_step", 0) < 0:
+    raise io.InputError(f"--save-step must be >= 0 (0: no snapshots), got {args.save_step}")
+  return config
+
+
+def check_before_load(args, configs, seeds, source, target, edit_words, out_flag: str = "--out"):
+  """Every check of `edit`/`sweep` that needs no weights: output folder, devices, prompts, t range.
+
+  Reads only the model's tokenizer and scheduler config (`loading.load_model_head`).
+
+  Returns:
+    The device mesh (`sharding.mesh_for`).
+
+  Raises:
+    io.InputError, loading.ModelLoadError: one line naming the flag.
+  """
+  from lusd_jax import io, loading, pipeline, sharding
+
+  io.check_output_dir(args.out, out_flag)
+  mesh = sharding.mesh_for(args.devices)
+  head = loading.load_model_head(args.model)
+  for config in configs[1:]:
+    _check_timesteps(config, head.schedule)
+  pipeline.check_edit(
+    head.tokenizer, head.schedule, source, target, seeds, configs[0], edit_words,
+    size=args.size, names=flag_name, announce=print,
+  )  # fmt: skip
+  return mesh
+
+
+def _check_timesteps(config, schedule) -> None:
+  from lusd_jax.io import InputError
+  from lusd_jax.lusd.config import ConfigError
+
+  try:
+    config.check_timesteps(schedule.num_train_timesteps)
+  except ConfigError as e:
+    raise InputError(f"{flag_name(e.field)} {e.problem}") from None
 
 
 def _load_model(args):
@@ -182,17 +260,17 @@ def _save_result(result, model, args, out_dir, name_fn, title_prefix=""):
   seeds = result.seeds
   os.makedirs(out_dir, exist_ok=True)
   for i, s in enumerate(seeds):
-    io.save_png(os.path.join(out_dir, name_fn(s)), result.images[i])
+    io.save_png(os.path.join(out_dir, name_fn(s)), result.images[i], result.config.output_rounding)
   base = name_fn(None)
   tiles = [result.input_image] + [result.images[i] for i in range(len(seeds))]
   captions = ["input"] + [f"seed {s}" for s in seeds]
   if result.mask is not None:
     tiles.append(visual.mask_overlay(result.input_image, np.asarray(result.mask[0])))
     captions.append(f"edit mask (seed {seeds[0]})")
-  io.save_png(
-    os.path.join(out_dir, f"{base}grid.png"),
-    visual.grid(tiles, captions, title=f'{title_prefix}"{result.source_prompt}" -> "{result.target_prompt}"'),
-  )
+  title = f'{title_prefix}"{result.source_prompt}" -> "{result.target_prompt}"'
+  if model.is_random:
+    title += " (random weights)"
+  io.save_png(os.path.join(out_dir, f"{base}grid.png"), visual.grid(tiles, captions, title=title))
   if result.snapshots is not None:
     for i, s in enumerate(seeds):
       strip = visual.snapshot_strip(
@@ -208,12 +286,12 @@ def _save_result(result, model, args, out_dir, name_fn, title_prefix=""):
 
 
 def cmd_edit(args) -> int:
-  from lusd_jax import examples, pipeline, sharding
+  from lusd_jax import examples, pipeline
 
-  image, source, target, edit_words = examples.inputs_from_args(args)
   seeds = _seeds(args)
   config = _config(args)
-  mesh = sharding.mesh_for(args.devices)
+  image, source, target, edit_words = examples.inputs_from_args(args)
+  mesh = check_before_load(args, [config], seeds, source, target, edit_words)
   model = _load_model(args)
   t0 = time.time()
   result = pipeline.edit(
@@ -227,7 +305,7 @@ def cmd_edit(args) -> int:
     snapshot_every=args.save_step or None,
     size=args.size,
     progress=not args.quiet,
-    announce=print,
+    announce=lambda _note: None,  # check_before_load printed the notes
     mesh=mesh,
   )
   _save_result(result, model, args, args.out, lambda s: "" if s is None else f"edit_seed{s}.png")
@@ -313,9 +391,21 @@ def cmd_convert(args) -> int:
   return convert_checkpoint.main(argv)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+  """`warnings.showwarning` for the command line: `warning: ...`, no file path or source line."""
+  del category, filename, lineno, line
+  text = " ".join(str(message).split())
+  print(f"warning: {text[:300]}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+  # transformers prints a line about PyTorch on import when torch is absent; lusd-jax never needs it.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   parser = build_parser()
   args = parser.parse_args(argv)
+  import warnings
+
+  warnings.showwarning = _one_line_warning
   from lusd_jax import io, loading
   from lusd_jax.compilation_cache import enable_compilation_cache
 

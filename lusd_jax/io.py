@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -386,21 +387,27 @@ def image_from_array(x: Any, size: int | None = None) -> np.ndarray:
 # Saving
 
 
-def to_uint8(x: Any) -> np.ndarray:
-  """Float [0, 1] image to uint8, rounding to nearest (uint8 input is returned unchanged).
+ROUNDINGS = ("round", "truncate")
+
+
+def to_uint8(x: Any, rounding: str = "round") -> np.ndarray:
+  """Float [0, 1] image to uint8 (uint8 input is returned unchanged).
 
   Args:
     x: array-like of any shape; values are clipped to [0, 1] and NaNs become 0.
+    rounding: "round" to the nearest level, or "truncate" as the official LUSD code does
+      (`(x * 255).astype(uint8)`, which darkens by half a level on average).
 
   Returns:
     uint8 array of the same shape.
   """
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
   x = np.asarray(x)
   if x.dtype == np.uint8:
     return x
-  x = np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-  # Round, not truncate: truncation (the official `astype(uint8)`) darkens by half a level.
-  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+  x = np.clip(np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0) * 255.0
+  return (np.round(x) if rounding == "round" else np.floor(x)).astype(np.uint8)
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool) -> Path:
@@ -429,17 +436,18 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary:
   return path
 
 
-def save_png(path: str | os.PathLike, x: Any) -> Path:
+def save_png(path: str | os.PathLike, x: Any, rounding: str = "round") -> Path:
   """Saves an image as PNG atomically.
 
   Args:
     path: destination; parent folders are created.
     x: [H, W, 3] or [H, W] image, float in [0, 1] or uint8 (NumPy or JAX).
+    rounding: how floats become 8-bit levels (`to_uint8`).
 
   Returns:
     The path written.
   """
-  im = Image.fromarray(to_uint8(x))
+  im = Image.fromarray(to_uint8(x, rounding))
   return _atomic_write(path, lambda f: im.save(f, format="PNG"), binary=True)
 
 
@@ -468,8 +476,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
   Returns:
     The path written.
   """
-  text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"
-  return _atomic_write(path, lambda f: f.write(text), binary=False)
+  return _atomic_write(path, lambda f: f.write(json_text(obj)), binary=False)
+
+
+# A JSON array with no array or object inside it, as json.dumps(indent=2) lays it out.
+_FLAT_ARRAY_RE = re.compile(r"\[\n\s*([^\[\]{}]*?)\n\s*\]")
+
+
+def json_text(obj: Any) -> str:
+  """Indented JSON in which every array of plain values stays on one line (per-step records).
+
+  JSON strings escape their newlines, so a newline inside an array is layout, never data.
+  """
+  text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default)
+  one_line = lambda m: "[" + ", ".join(part.strip() for part in m.group(1).split(",\n")) + "]"
+  return _FLAT_ARRAY_RE.sub(one_line, text) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -356,31 +356,84 @@ def load_model(
       f"{path} is a file; pass a diffusers folder, or convert a single-file checkpoint first "
       "(python -m convert.convert_checkpoint --help)."
     )
-  if not _looks_like_repo_id(path_or_repo_id):
-    raise ModelLoadError(
-      f"model {path_or_repo_id!r}: no such folder, and not a Hugging Face repo id (owner/name)."
-    )
+  local = _download(path_or_repo_id, revision, _HUB_PATTERNS)
+  model = load_diffusers_folder(local, dtype)
+  return dataclasses.replace(model, name=path_or_repo_id)
+
+
+# What `load_model` downloads from the hub; `load_model_head` takes the first three only.
+_HUB_PATTERNS = (
+  "model_index.json",
+  "scheduler/*.json",
+  "tokenizer/*",
+  "*/config.json",
+  "unet/diffusion_pytorch_model.safetensors",
+  "vae/diffusion_pytorch_model.safetensors",
+  "text_encoder/model.safetensors",
+)
+
+
+def _download(repo_id: str, revision: str | None, patterns) -> str:
+  """A hub repo's files matching `patterns`, as a local folder (huggingface_hub's cache)."""
+  if not _looks_like_repo_id(repo_id):
+    raise ModelLoadError(f"model {repo_id!r}: no such folder, and not a Hugging Face repo id (owner/name).")
   try:
     from huggingface_hub import snapshot_download
 
-    local = snapshot_download(
-      path_or_repo_id,
-      revision=revision,
-      allow_patterns=[
-        "model_index.json",
-        "*/config.json",
-        "scheduler/*.json",
-        "tokenizer/*",
-        "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-        "text_encoder/model.safetensors",
-      ],
-    )
+    return snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns))
   except Exception as e:  # noqa: BLE001 - network, auth, unknown repo: one clear line
     raise ModelLoadError(
-      f"model {path_or_repo_id!r}: not a local folder, and downloading it from the Hugging Face hub failed "
+      f"model {repo_id!r}: not a local folder, and downloading it from the Hugging Face hub failed "
       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a local diffusers folder, or "
       "--model tiny-random to try the tool."
     ) from None
-  model = load_diffusers_folder(local, dtype)
-  return dataclasses.replace(model, name=path_or_repo_id)
+
+
+class ModelHead(NamedTuple):
+  """What the input checks need from a model, read without its weights (milliseconds, not minutes)."""
+
+  name: str
+  tokenizer: Any  # transformers CLIPTokenizer
+  schedule: schedule_lib.Schedule
+  is_random: bool
+
+
+def load_model_head(path_or_repo_id: str = DEFAULT_MODEL, *, revision: str | None = None) -> ModelHead:
+  """The tokenizer and noise schedule of a model, without loading (or downloading) any weights.
+
+  The command line checks prompts, edit words and the t range with these before `load_model`.
+
+  Args:
+    path_or_repo_id: as `load_model`.
+    revision: hub revision, for repo ids.
+
+  Returns:
+    `ModelHead`.
+
+  Raises:
+    ModelLoadError: as `load_model`, for the tokenizer and scheduler files.
+  """
+  if path_or_repo_id == TINY_RANDOM:
+    from lusd_jax import tiny
+
+    schedule = schedule_lib.Schedule.from_dict(tiny.SD1_SCHEDULER)
+    return ModelHead(TINY_RANDOM, tokenizer_lib.bundled_tokenizer(), schedule, True)
+  path = os.path.expanduser(os.fspath(path_or_repo_id))
+  if os.path.isfile(os.path.join(path, CONVERTED_MARKER)):
+    meta = _read_json(os.path.join(path, CONVERTED_MARKER))
+    try:
+      schedule = schedule_lib.Schedule.from_dict(meta["configs"]["schedule"])
+    except (KeyError, ValueError, TypeError) as e:
+      raise ModelLoadError(f"{os.path.join(path, CONVERTED_MARKER)}: {e}") from None
+    tok = tokenizer_lib.load_tokenizer(os.path.join(path, "tokenizer"))
+    return ModelHead(path_or_repo_id, tok, schedule, False)
+  if not os.path.isdir(path):
+    if os.path.exists(path):
+      return load_model(path_or_repo_id)  # raises the file error of load_model
+    path = _download(path_or_repo_id, revision, _HUB_PATTERNS[:3])
+  for sub in ("tokenizer", "scheduler"):
+    if not os.path.isdir(os.path.join(path, sub)):
+      raise ModelLoadError(
+        f"missing folder {os.path.join(path, sub)} (expected a diffusers Stable Diffusion folder)"
+      )
+  return ModelHead(path_or_repo_id, _load_tokenizer(path), _load_schedule(path), False)

@@ -12,7 +12,8 @@ import functools
 import math
 import platform
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -83,6 +84,7 @@ class EditResult(NamedTuple):
   edit_tokens: Any  # prompts.EditTokens
   config: Any  # LUSDConfig
   timings: dict
+  zero_gradient_steps: np.ndarray | None = None  # [S] int: steps whose g was exactly 0 (no redraws)
 
 
 def _prepare_image(image, size: int) -> np.ndarray:
@@ -92,12 +94,97 @@ def _prepare_image(image, size: int) -> np.ndarray:
   return io.image_from_array(image, size)
 
 
-def _warn_long_prompt(tokenizer, name: str, prompt: str, announce) -> None:
-  n = len(tokenizer(prompt, truncation=False)["input_ids"])
-  if n > tokenizer_lib.MAX_LENGTH:
-    announce(
-      f"warning: the {name} prompt has {n} tokens; CLIP reads the first {tokenizer_lib.MAX_LENGTH}, the rest is cut"
+# Longest explanation line printed before an edit (a 77-token prompt can make it very long).
+MAX_NOTE_CHARS = 240
+
+
+def _short(text: str, limit: int = MAX_NOTE_CHARS) -> str:
+  return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def check_edit(
+  tokenizer,
+  schedule,
+  source_prompt: str,
+  target_prompt: str,
+  seeds,
+  config,
+  edit_words=None,
+  *,
+  token_positions=None,
+  size: int = 512,
+  names: Callable[[str], str] | None = None,
+  announce=None,
+) -> tuple[tuple[int, ...], prompts.EditTokens]:
+  """Every check of an edit's inputs that needs no weights; run before a model loads.
+
+  Args:
+    tokenizer: the model's CLIP tokenizer (`SDModel.tokenizer` or `loading.load_model_head`).
+    schedule: the model's `Schedule` (its `num_train_timesteps` bounds the t range).
+    source_prompt, target_prompt, seeds, config, edit_words, token_positions, size: as `edit`.
+    names: how messages name an argument or `LUSDConfig` field (the CLI passes its flags,
+      "t_max" -> "--t-max"); default: the Python names.
+    announce: where the one-line notes go (long prompts, the edit tokens); None: `warnings`.
+
+  Returns:
+    (seeds as ints, `prompts.EditTokens`).
+
+  Raises:
+    io.InputError: naming the argument: bad seeds or size, an empty target, prompts that tokenize
+      identically (nothing to edit), a t range beyond the model's schedule, edit words that are
+      not in the target prompt, bad token positions.
+  """
+  from lusd_jax.lusd.config import ConfigError
+
+  name = names or (lambda arg: arg)
+  seeds = io.check_seeds(seeds, name("seeds"))
+  io.validate_size(size)
+  for arg, p in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
+    if not isinstance(p, str):
+      raise io.InputError(f"{name(arg)}: expected a string, got {type(p).__name__}")
+  if not target_prompt.strip():
+    raise io.InputError(f"{name('target_prompt')}: the target prompt is empty")
+  ids = tokenizer_lib.tokenize(tokenizer, [source_prompt, target_prompt])
+  if np.array_equal(ids[0], ids[1]):
+    raise io.InputError(
+      f"{name('source_prompt')} {source_prompt!r} and {name('target_prompt')} {target_prompt!r} are the "
+      "same prompt to CLIP (it lower-cases and ignores spacing and the words after 77 tokens): "
+      "there is nothing to edit"
     )
+  try:
+    config.check_timesteps(schedule.num_train_timesteps)
+  except ConfigError as e:
+    raise io.InputError(f"{name(e.field)} {e.problem}") from None
+  notes = []
+  for what, p in (("source", source_prompt), ("target", target_prompt)):
+    n = len(tokenizer(p, truncation=False, verbose=False)["input_ids"])
+    if n > tokenizer_lib.MAX_LENGTH:
+      notes.append(
+        f"warning: the {what} prompt has {n} tokens; CLIP reads the first {tokenizer_lib.MAX_LENGTH}, "
+        "the rest is cut"
+      )
+  with warnings.catch_warnings(record=True):  # the explanation below carries the same notice
+    warnings.simplefilter("always")
+    try:
+      edit_tokens = prompts.find_edit_tokens(
+        tokenizer,
+        source_prompt,
+        target_prompt,
+        edit_words=edit_words,
+        token_positions=token_positions,
+        subtokens="last" if config.edit_token_last_subtoken else "all",
+        rule=config.edit_token_rule,
+      )
+    except (ValueError, TypeError) as e:
+      arg = "token_positions" if token_positions is not None else "edit_words"
+      raise io.InputError(f"{name(arg)}: {e}") from None
+  notes.append(_short(edit_tokens.explanation))
+  for note in notes:
+    if announce is not None:
+      announce(note)
+    elif note.startswith("warning:") or edit_tokens.uniform or edit_tokens.dropped_words:
+      warnings.warn(note.removeprefix("warning: "), UserWarning, stacklevel=3)
+  return seeds, edit_tokens
 
 
 class PreparedEdit(NamedTuple):
@@ -126,30 +213,15 @@ def prepare_edit(
   """Checks the inputs, preprocesses the image, finds the edit tokens and encodes image and prompts.
 
   Raises:
-    io.InputError: no seeds, an empty target prompt, target == source, a bad image or size.
+    io.InputError: see `check_edit`; a bad image.
   """
   from lusd_jax.lusd import core
 
-  announce = announce or (lambda _msg: None)
-  seeds = tuple(int(s) for s in seeds)
-  if not seeds:
-    raise io.InputError("seeds: give at least one seed")
-  if target_prompt.strip() == "":
-    raise io.InputError("the target prompt is empty")
-  if target_prompt.strip() == source_prompt.strip():
-    raise io.InputError("the target prompt equals the source prompt: there is nothing to edit")
+  seeds, edit_tokens = check_edit(
+    model.tokenizer, model.configs.schedule, source_prompt, target_prompt, seeds, config, edit_words,
+    token_positions=token_positions, size=size, announce=announce,
+  )  # fmt: skip
   x = _prepare_image(image, size)
-  for name, p in (("source", source_prompt), ("target", target_prompt)):
-    _warn_long_prompt(model.tokenizer, name, p, announce)
-  edit_tokens = prompts.find_edit_tokens(
-    model.tokenizer,
-    source_prompt,
-    target_prompt,
-    edit_words=edit_words,
-    token_positions=token_positions,
-    subtokens="last" if config.edit_token_last_subtoken else "all",
-  )
-  announce(edit_tokens.explanation)
   ctx = encode_prompts(model, [source_prompt, target_prompt])
   z_src = encode_image(model, x)
   inputs = core.EditInputs(z_src, ctx[0], ctx[1], jnp.asarray(edit_tokens.token_mask()))
@@ -174,6 +246,8 @@ def step_progress(num_steps: int, desc: str, enabled: bool = True):
   from tqdm.auto import tqdm
 
   bar = tqdm(total=num_steps, desc=desc, unit="step", dynamic_ncols=True)
+  # The first chunk compiles the program (seconds to a minute; later runs read XLA's cache).
+  bar.set_postfix_str("compiling", refresh=True)
   rejected = 0
 
   def on_chunk(done, _state, stats):
@@ -457,6 +531,7 @@ def _result(model, prep: PreparedEdit, source_prompt, target_prompt, config, out
     edit_tokens=prep.edit_tokens,
     config=config,
     timings=timings,
+    zero_gradient_steps=out.zero_gradient.sum(axis=1),
   )
 
 
@@ -488,6 +563,10 @@ def run_record(result: EditResult, model: SDModel, model_id: str | None = None) 
     "timestep_per_step": result.timesteps.tolist(),
     "total_rejections": [int(r.sum()) for r in result.rejections],
     "hit_max_attempts": [bool(h) for h in result.hit_max_attempts],
+    # Steps whose g was exactly 0 (the prompts look identical to the U-Net): redraws ended at once.
+    "zero_gradient_steps": [
+      int(z) for z in (result.zero_gradient_steps if result.zero_gradient_steps is not None else [])
+    ],
     "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     "versions": {
       "lusd_jax": _version(),

@@ -65,6 +65,7 @@ class SweepResult(NamedTuple):
   edit_tokens: Any  # prompts.EditTokens, shared by every cell
   base_config: LUSDConfig  # the config the grid's values override
   timings: dict
+  zero_gradient_steps: np.ndarray | None = None  # [C, S] int: steps whose g was exactly 0
 
   @property
   def grid_shape(self) -> tuple[int, ...]:
@@ -83,6 +84,7 @@ class SweepResult(NamedTuple):
       rejections=self.rejections[c],
       timesteps=self.timesteps[c],
       hit_max_attempts=self.hit_max_attempts[c],
+      zero_gradient_steps=None if self.zero_gradient_steps is None else self.zero_gradient_steps[c],
       mask=None if self.mask is None else self.mask[c],
       snapshot_steps=(),
       edit_tokens=self.edit_tokens,
@@ -289,6 +291,7 @@ def sweep(
     edit_tokens=prep.edit_tokens,
     base_config=base,
     timings=timings,
+    zero_gradient_steps=cs(out.zero_gradient.sum(axis=1)),
   )
 
 
@@ -451,7 +454,14 @@ def sweep_record(result: SweepResult, model: SDModel, model_id: str | None = Non
 
 
 # Per-config entries of `pipeline.run_record`; the rest is shared by the sweep's cells.
-_CELL_KEYS = ("config", "rejections_per_step", "timestep_per_step", "total_rejections", "hit_max_attempts")
+_CELL_KEYS = (
+  "config",
+  "rejections_per_step",
+  "timestep_per_step",
+  "total_rejections",
+  "hit_max_attempts",
+  "zero_gradient_steps",
+)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -553,7 +563,7 @@ def sweep_command(args: argparse.Namespace) -> int:
   Returns:
     0 on success, 2 after printing one `error: ...` line for bad input.
   """
-  from lusd_jax import loading
+  from lusd_jax import cli, loading  # cli: the shared flag checks (this command moves there later)
 
   try:
     grid = _parse_assignments(args.grid, "--grid", many=True)
@@ -562,21 +572,17 @@ def sweep_command(args: argparse.Namespace) -> int:
     if both:
       raise io.InputError(f"--set {both[0]} is also a --grid axis")
     axes = check_grid(grid)
-    if len(set(args.seeds)) != len(args.seeds):
-      raise io.InputError(f"--seeds: repeated seed in {args.seeds}")
+    seeds = io.check_seeds(args.seeds, "--seeds")
     if args.num_steps is not None:
       fixed["num_steps"] = args.num_steps
     base = LUSDConfig.official() if args.preset == "official" else LUSDConfig()
-    try:
-      base = base.replace(**fixed)
-    except ValueError as e:
-      raise io.InputError(str(e)) from None
-    grid_configs(base, axes)  # every cell valid before the model loads
+    base = cli.config_from_flags(base, fixed)
+    configs, _ = grid_configs(base, axes)  # every cell valid before the model loads
     image, source, target, edit_words = examples.inputs_from_args(args)
+    mesh = cli.check_before_load(args, [base, *configs], seeds, source, target, edit_words)
     if args.model == loading.TINY_RANDOM:
       print("note: --model tiny-random has random weights: the pictures are meaningless.", file=sys.stderr)
     model = loading.load_model(args.model, dtype=args.dtype)
-    mesh = sharding.mesh_for(args.devices)
     t0 = time.time()
     result = sweep(
       model,
@@ -584,12 +590,12 @@ def sweep_command(args: argparse.Namespace) -> int:
       source,
       target,
       grid,
-      seeds=args.seeds,
+      seeds=seeds,
       base_config=base,
       edit_words=edit_words,
       size=args.size,
       progress=not args.quiet,
-      announce=print,
+      announce=lambda _note: None,  # check_before_load printed the notes
       mesh=mesh,
     )
   except (io.InputError, loading.ModelLoadError) as e:
@@ -617,7 +623,8 @@ def write_sweep(result: SweepResult, model: SDModel, out_dir: str, model_id: str
   ]
   for c in range(len(result.configs)):
     for s in range(len(result.seeds)):
-      paths.append(io.save_png(os.path.join(out_dir, cell_file_name(result, c, s)), result.images[c, s]))
+      path = os.path.join(out_dir, cell_file_name(result, c, s))
+      paths.append(io.save_png(path, result.images[c, s], result.configs[c].output_rounding))
   paths.append(
     io.write_json_atomic(os.path.join(out_dir, "sweep.json"), sweep_record(result, model, model_id))
   )

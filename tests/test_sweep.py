@@ -249,7 +249,7 @@ def test_sweep_command_writes_grid_cells_and_record(model, image, result, tmp_pa
     (["--grid", "reg_scale"], ["--grid", "FIELD="]),
     (["--grid", "lr=1", "--set", "lr=2"], ["lr", "--grid axis"]),
     (["--grid", "reg_scale=0,2"], ["reg_scale=2"]),
-    (["--grid", "lr=1", "--seeds", "1", "1"], ["repeated seed"]),
+    (["--grid", "lr=1", "--seeds", "1", "1"], ["--seeds", "repeated"]),
     (["--grid", "lr=1", "--size", "100"], ["--size"]),
   ],
 )

@@ -26,6 +26,20 @@ import jax
 import jax.numpy as jnp
 
 GRADIENTS = ("sbp", "dds", "sds")
+EDIT_TOKEN_RULES = ("paper", "official")
+OUTPUT_ROUNDINGS = ("round", "truncate")
+# Every Stable Diffusion 1.x/2.x schedule has 1000 training timesteps; a model's own count is
+# checked by `LUSDConfig.check_timesteps`.
+MAX_TRAIN_TIMESTEPS = 1000
+
+
+class ConfigError(ValueError):
+  """A hyperparameter out of range; `field` names the `LUSDConfig` field (the CLI names its flag)."""
+
+  def __init__(self, field: str, problem: str):
+    self.field = field
+    self.problem = problem
+    super().__init__(f"LUSDConfig.{field} {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +144,14 @@ class LUSDConfig:
     accept_zero_direction: a draw whose unmasked update (1 - lambda) g + lambda (z - z_src) is
       exactly zero is accepted whatever its std (identical prompts at step 0).
 
-  Read by the prompt analysis, not by the optimization:
+  Read by the prompt analysis and the output, not by the optimization:
+    edit_token_rule: "paper" (the differing substring, case-insensitive, positions from character
+      offsets; `prompts.find_edit_tokens`) or "official" (5): the official code's rule, bug-compatible
+      (position-wise after the common suffix, case-sensitive, punctuation dropped from the count).
     edit_token_last_subtoken: official behaviour (4): each edit word contributes only its last
       sub-token position (the paper averages all its sub-tokens).
+    output_rounding: "round" (nearest 8-bit level) or "truncate" (7): the official code's
+      `(x * 255).astype(uint8)`, half a level darker on average.
   """
 
   # static
@@ -162,13 +181,15 @@ class LUSDConfig:
   beta_linspace: bool = _field(False, "official: beta_k = k / (N - 1) instead of k / N")
   official_t_range: bool = _field(False, "official: t < t_max - 1 (torch.randint(t_min, t_max - 1))")
   accept_zero_direction: bool = _field(False, "official: accept an all-zero update whatever its std")
-  # prompt analysis
+  # prompt analysis and output
+  edit_token_rule: str = _field("paper", "edit-token rule: paper or official (bug-compatible)")
   edit_token_last_subtoken: bool = _field(False, "official: only each edit word's last sub-token")
+  output_rounding: str = _field("round", "8-bit output: round, or truncate as the official code")
 
   def __post_init__(self):
     def need(ok: bool, field: str, what: str):
       if not ok:
-        raise ValueError(f"LUSDConfig.{field} {what}, got {getattr(self, field)!r}")
+        raise ConfigError(field, f"{what}, got {getattr(self, field)!r}")
 
     need(
       isinstance(self.num_steps, numbers.Integral) and self.num_steps >= 1, "num_steps", "must be an int >= 1"
@@ -196,6 +217,25 @@ class LUSDConfig:
       "max_attempts",
       "must be an int >= 1",
     )
+    need(self.edit_token_rule in EDIT_TOKEN_RULES, "edit_token_rule", f"must be one of {EDIT_TOKEN_RULES}")
+    need(self.output_rounding in OUTPUT_ROUNDINGS, "output_rounding", f"must be one of {OUTPUT_ROUNDINGS}")
+    need(
+      self.t_max <= MAX_TRAIN_TIMESTEPS,
+      "t_max",
+      f"must be <= {MAX_TRAIN_TIMESTEPS} (no Stable Diffusion schedule has more timesteps)",
+    )
+
+  def check_timesteps(self, num_train_timesteps: int) -> None:
+    """Checks the t range against a model's schedule (timesteps 0 .. num_train_timesteps - 1).
+
+    Raises:
+      ConfigError: t_max above num_train_timesteps (t is drawn below t_max), so no t is ever capped
+        silently; t_min must leave a timestep to draw.
+    """
+    if self.t_max > num_train_timesteps:
+      raise ConfigError(
+        "t_max", f"must be <= the model's {num_train_timesteps} training timesteps, got {self.t_max}"
+      )
 
   @classmethod
   def official(cls, **overrides) -> LUSDConfig:
@@ -204,9 +244,11 @@ class LUSDConfig:
       redraw_t_on_reject=True,
       mask_from_previous_step=True,
       beta_linspace=True,
+      edit_token_rule="official",
       edit_token_last_subtoken=True,
       official_t_range=True,
       accept_zero_direction=True,
+      output_rounding="truncate",
     )
     return cls(**{**flags, **overrides})
 
