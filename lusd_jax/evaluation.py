@@ -43,13 +43,16 @@ input, so one folder feeds both the editing and the evaluation):
 Results layout: a `lusd-jax batch` output folder, `{row:03d}_seed{seed}.png` with `row` the index.csv
 row (from 0). `seed=None` (default) takes the smallest seed present in the folder (0 for a default
 batch run); `seed=N` takes that seed; `seed="all"` counts every (row, seed) image as one edit, which
-averages the success rate over seeds. A row without a result image is reported and counted as an
-edit that failed (it is in every denominator, never above a threshold); CLIP-T averages the images
-that exist.
+averages the success rate over seeds. A row without a result image, or with an unreadable one, is
+reported once and counted as an edit that failed (it is in every denominator, never above a
+threshold, and in the summary's `missing` count); CLIP-T averages the images that exist. Wrong
+inputs, and results folders without one result image for the dataset's rows, raise `InputError`
+before CLIP loads.
 
 Outputs of `run_eval` (in `out_dir`): `per_example.csv` (one row per edit and results folder),
 `summary.csv` and `summary.md` (LUSD Table 2: CLIP-T, CLIP-AUC, L1*, CLIP-I* per method and
-category all / add / other), `success_rate.csv` and `success_rate.png` (LUSD Fig. 8: s(k) per method).
+category all / add / other), `success_rate.csv` and `success_rate.png` (LUSD Fig. 8: s(k) per method;
+matplotlib, imported only to draw it).
 """
 
 from __future__ import annotations
@@ -67,14 +70,16 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from PIL import Image
 
+from lusd_jax.io import InputError, check_output_dir, check_seeds
+
 SUCCESS_THRESHOLDS = 1.0 + 0.01 * np.arange(41)  # k = 1.00 .. 1.40 (CLIP-AUC)
 BACKGROUND_THRESHOLDS = SUCCESS_THRESHOLDS[:23]  # k = 1.00 .. 1.22 (L1*, CLIP-I*)
 CATEGORIES = ("all", "add", "other")
 RESULT_NAME = re.compile(r"^(\d+)_seed(\d+)\.png$")
 
 
-class DatasetError(ValueError):
-  """The dataset or results folder does not have the documented layout."""
+class DatasetError(InputError):
+  """The dataset or results folder does not have the documented layout (one line; CLI exit 2)."""
 
 
 class ImageEmbedder(Protocol):
@@ -237,8 +242,12 @@ def scan_results(results_dir: str | os.PathLike) -> dict[int, dict[int, str]]:
   results_dir = os.fspath(results_dir)
   if not os.path.isdir(results_dir):
     raise DatasetError(f"results folder {results_dir} does not exist")
+  try:
+    names = sorted(os.listdir(results_dir))
+  except OSError as e:
+    raise DatasetError(f"cannot read results folder {results_dir} ({e.strerror or e})") from None
   found: dict[int, dict[int, str]] = {}
-  for name in sorted(os.listdir(results_dir)):
+  for name in names:
     m = RESULT_NAME.match(name)
     if m:
       found.setdefault(int(m.group(1)), {})[int(m.group(2))] = os.path.join(results_dir, name)
@@ -457,6 +466,7 @@ class EvalReport(NamedTuple):
   per_example: list[dict[str, Any]]  # per_example.csv rows
   curves: dict[str, np.ndarray]  # method -> s(k) over all edits, [41]
   files: dict[str, str]  # "per_example", "summary_csv", "summary_md", "curves_csv", "plot" -> path
+  # ("plot" is absent when matplotlib cannot be imported)
 
 
 def _method_names(results_dirs: Sequence[str]) -> list[str]:
@@ -468,6 +478,112 @@ def _method_names(results_dirs: Sequence[str]) -> list[str]:
       name, i = f"{base}_{i}", i + 1
     names.append(name)
   return names
+
+
+def _check_folder(path: str, flag: str) -> None:
+  if not os.path.exists(path):
+    raise InputError(f"{flag}: folder {path} does not exist")
+  if not os.path.isdir(path):
+    raise InputError(f"{flag}: {path} is a file, not a folder")
+
+
+def _looked_for(num_rows: int, seed: int | str | None) -> str:
+  s = "*" if seed is None or seed == "all" else seed
+  first = f"000_seed{s}.png"
+  return first if num_rows == 1 else f"{first} ... {num_rows - 1:03d}_seed{s}.png"
+
+
+def _no_results_error(
+  results_dirs: Sequence[str], found: Sequence[Mapping[int, Mapping[int, str]]], num_rows: int, seed
+) -> InputError:
+  """The one-line error when not one result image of any dataset row was found."""
+  seeds_present = sorted({s for f in found for row, by_seed in f.items() if row < num_rows for s in by_seed})
+  looked = _looked_for(num_rows, seed)
+  if seeds_present:  # images for these rows exist, under other seeds
+    return InputError(
+      f"--seed {seed}: no result image with seed {seed} in {' '.join(results_dirs)} (looked for {looked}; "
+      f"seeds present: {', '.join(map(str, seeds_present))}); check --results and --seed"
+    )
+  hints = []
+  other_rows = sum(len(by_seed) for f in found for row, by_seed in f.items() if row >= num_rows)
+  if other_rows:
+    hints.append(
+      f"{other_rows} result images are for rows beyond the {num_rows} rows of --dataset's index.csv"
+    )
+  pngs = sum(
+    1 for d in results_dirs for n in os.listdir(d) if n.lower().endswith(".png") and not RESULT_NAME.match(n)
+  )
+  if pngs:
+    hints.append(f"{pngs} .png files with other names")
+  hint = f"; {'; '.join(hints)}" if hints else ""
+  return InputError(
+    f"--results {' '.join(results_dirs)}: no result images found (looked for {looked}{hint}); "
+    "check --results and --seed"
+  )
+
+
+class _Selection(NamedTuple):
+  folder: str
+  results: list[ResultImage]  # unreadable images have path None (failed edits)
+  rule: str  # the seed rule used, for the log
+
+
+def _check_and_select(
+  results_dirs: Sequence[str],
+  dataset_dir: str,
+  out_dir: str,
+  seed: int | str | None,
+  names: Sequence[str],
+  log: Callable[[str], None],
+) -> tuple[list[EditExample], list[_Selection]]:
+  """Every check of `run_eval` that needs no model: bad inputs stop here, before CLIP's weights load.
+
+  Also reports each unreadable and each missing result image once (both are failed edits).
+  """
+  if seed is not None and seed != "all":
+    check_seeds([seed], flag="--seed")
+  if not results_dirs:
+    raise InputError("--results: give at least one results folder")
+  if len(names) != len(results_dirs):
+    raise InputError(f"--names: {len(names)} names for {len(results_dirs)} --results folders")
+  _check_folder(dataset_dir, "--dataset")
+  for d in results_dirs:
+    _check_folder(d, "--results")
+  check_output_dir(out_dir, flag="--out")
+  try:
+    examples = load_dataset(dataset_dir)
+  except DatasetError as e:
+    raise DatasetError(f"--dataset: {e}") from None
+  try:
+    found = [scan_results(d) for d in results_dirs]
+  except DatasetError as e:
+    raise DatasetError(f"--results: {e}") from None
+  selections = []
+  for folder, fnd in zip(results_dirs, found, strict=True):
+    results, rule = select_results(fnd, len(examples), seed)
+    selections.append(_Selection(folder, results, rule))
+  if all(r.path is None for sel in selections for r in sel.results):
+    raise _no_results_error(results_dirs, found, len(examples), seed)
+
+  checked = []
+  for folder, results, rule in selections:
+    missing = [r for r in results if r.path is None]
+    unreadable = [r for r in results if r.path is not None and not _readable(r.path)]
+    if unreadable:  # reported here by path, and not again among the missing ones
+      log(
+        f"eval: {folder}: {len(unreadable)} unreadable result images, counted as failed edits: "
+        f"{', '.join(r.path for r in unreadable)}"
+      )
+    if missing:
+      shown = ", ".join(f"{r.row:03d}_seed{'*' if r.seed is None else r.seed}.png" for r in missing[:10])
+      more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+      log(
+        f"eval: {folder}: {len(missing)} of {len(results)} result images missing, counted as failed edits: "
+        f"{shown}{more}"
+      )
+    bad = set(unreadable)
+    checked.append(_Selection(folder, [r._replace(path=None) if r in bad else r for r in results], rule))
+  return examples, checked
 
 
 def run_eval(
@@ -497,6 +613,11 @@ def run_eval(
   Returns:
     `EvalReport` (summary rows, per-example rows, curves, written files).
 
+  Raises:
+    InputError: before CLIP loads, naming the `lusd-jax eval` flag: a bad seed, a missing dataset or
+      results folder (or a file there), an output folder that cannot be written, a dataset error
+      (`DatasetError`), or not one result image found for the dataset's rows.
+
   Example:
     >>> report = run_eval(["out/lusd"], "magicbrush_test", "openai/clip-vit-base-patch32", "eval")
   """
@@ -506,35 +627,17 @@ def run_eval(
   if isinstance(results_dirs, str | os.PathLike):
     results_dirs = [results_dirs]
   results_dirs = [os.fspath(d) for d in results_dirs]
-  if not results_dirs:
-    raise DatasetError("no results folder given")
   names = list(names) if names is not None else _method_names(results_dirs)
-  if len(names) != len(results_dirs):
-    raise DatasetError(f"{len(names)} names for {len(results_dirs)} results folders")
-  examples = load_dataset(dataset_dir)
-  found = [scan_results(d) for d in results_dirs]  # fail early on a wrong folder, before CLIP loads
+  examples, selections = _check_and_select(
+    results_dirs, os.fspath(dataset_dir), os.fspath(out_dir), seed, names, log
+  )
   clip = clip_model if hasattr(clip_model, "embed_texts") else clip_lib.load_clip(clip_model)
   embedders = {"clip": clip, **dict(extra_embedders or {})}
 
   log(f"eval: embedding {len(examples)} dataset rows with CLIP {getattr(clip, 'name', '')}")
   dataset_emb = embed_dataset(examples, clip, embedders)
   per_example, summary, curves = [], [], {}
-  for name, folder, fnd in zip(names, results_dirs, found, strict=True):
-    results, rule = select_results(fnd, len(examples), seed)
-    unreadable = [r for r in results if r.path is not None and not _readable(r.path)]
-    if unreadable:
-      log(
-        f"eval: {folder}: unreadable result images, counted as failed edits: {', '.join(r.path for r in unreadable)}"
-      )
-      results = [r._replace(path=None) if r in unreadable else r for r in results]
-    missing = [r for r in results if r.path is None]
-    if missing:
-      shown = ", ".join(f"{r.row:03d}_seed{'*' if r.seed is None else r.seed}.png" for r in missing[:10])
-      more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
-      log(
-        f"eval: {folder}: {len(missing)} of {len(results)} result images missing, counted as failed edits: "
-        f"{shown}{more}"
-      )
+  for name, (folder, results, rule) in zip(names, selections, strict=True):
     log(f"eval: scoring {folder} ({len(results)} edits, seed {rule})")
     scores = score_results(examples, results, clip, dataset_emb, embedders)
     for s, r in zip(scores, results, strict=True):
@@ -574,7 +677,10 @@ def run_eval(
       for i, k in enumerate(SUCCESS_THRESHOLDS)
     ],
   )
-  plot_success_rate(curves, files["plot"])
+  try:
+    plot_success_rate(curves, files["plot"])
+  except ImportError as e:  # the tables are written; losing them to a missing plotting library is worse
+    log(f"eval: {files.pop('plot')} not written ({e}; pip install matplotlib)")
   return EvalReport(summary, per_example, curves, files)
 
 
@@ -590,34 +696,77 @@ def _seed_arg(value: str) -> int | str:
     raise argparse.ArgumentTypeError(f"--seed takes an integer or 'all', not {value!r}") from None
 
 
+EVAL_DESCRIPTION = """\
+Score `lusd-jax batch` result folders on a dataset with the metrics of LUSD Sec. 4.2 (MagicBrush
+conventions). Nothing is edited here; the dataset folder is the one `lusd-jax batch` read.
+
+Per edit (x: result image, x_src: source image, x_gt: ground truth; CLIP ViT-B/32 embeddings):
+  CLIP-T    cos(CLIP(x), CLIP(local_prompt)): does the result show the edit
+  CLIP-R    cos(CLIP(x), CLIP(global_target_prompt)) / cos(CLIP(x_src), CLIP(global_target_prompt));
+            > 1: the edit moved the image towards the target; doing nothing gives exactly 1
+  L1        mean |x - x_gt| over pixels in [0, 1] (x resized to x_gt's size)
+  CLIP-I    cos(CLIP(x), CLIP(x_gt))
+Per results folder and category (all, and add / other from index.csv's category column):
+  CLIP-T    mean over the result images that exist
+  CLIP-AUC  area under the success rate s(k) = share of edits with CLIP-R > k, k = 1.00 .. 1.40
+            (0 .. 0.4, higher is better; doing nothing scores 0)
+  L1*       area under the mean L1 of the edits with CLIP-R > k, k = 1.00 .. 1.22 (lower is better)
+  CLIP-I*   the same for CLIP-I (higher is better); L1* / CLIP-I* are n/a when some k has no success
+A missing or unreadable result image is reported once and counts as a failed edit.
+
+--dataset DIR/index.csv columns: img_path, target_prompt (required); source_prompt,
+global_target_prompt, local_prompt (empty: target_prompt), gt_path (empty: no L1 / CLIP-I),
+category. Results: {row:03d}_seed{seed}.png, row = index.csv row from 0.
+
+Writes to --out: summary.md and summary.csv (the table, also printed), per_example.csv (every edit's
+scores), success_rate.csv and success_rate.png (s(k) per results folder, LUSD Fig. 8).
+Wrong inputs, or no result image found at all, stop with one error line before CLIP loads.
+"""
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-  """Adds the `lusd-jax eval` options to `parser` (a subcommand parser)."""
+  """Adds the `lusd-jax eval` options, description and help layout to `parser` (a subcommand parser)."""
+  parser.description = EVAL_DESCRIPTION
+  # Keeps the metric definitions one per line (the default formatter refills them into one paragraph).
+  parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.add_argument(
     "--results",
     nargs="+",
     action="extend",
     required=True,
     metavar="DIR",
-    help="one or more `lusd-jax batch` output folders ({row:03d}_seed{seed}.png), compared side by side",
+    help="one or more `lusd-jax batch` output folders ({row:03d}_seed{seed}.png), compared side by "
+    "side; repeatable (required, no default)",
   )
   parser.add_argument(
-    "--dataset", required=True, metavar="DIR", help="dataset folder with index.csv (see docs)"
+    "--dataset",
+    required=True,
+    metavar="DIR",
+    help="dataset folder with index.csv and the images it names (required, no default)",
   )
   parser.add_argument(
     "--clip",
     default="openai/clip-vit-base-patch32",
     metavar="MODEL",
-    help="transformers CLIPModel folder or hub id, or 'tiny-random' (default: %(default)s)",
+    help="transformers CLIPModel folder or hub id, or 'tiny-random' (meaningless scores, for a dry run) "
+    "(default %(default)s)",
   )
-  parser.add_argument("--out", default="eval", metavar="DIR", help="output folder (default: %(default)s)")
+  parser.add_argument(
+    "--out", default="eval", metavar="DIR", help="output folder for the tables and plot (default %(default)s)"
+  )
   parser.add_argument(
     "--seed",
     type=_seed_arg,
     default=None,
-    help="result seed per row: an integer, or 'all' (every seed is an edit); default: the smallest seed present",
+    metavar="N|all",
+    help="which result image per row: seed N, or 'all' (every seed is an edit) "
+    "(default: the smallest seed present in each folder)",
   )
   parser.add_argument(
-    "--names", nargs="+", metavar="NAME", help="method names for the tables (default: folder names)"
+    "--names",
+    nargs="+",
+    metavar="NAME",
+    help="method names for the tables, one per --results folder (default: the folder names)",
   )
   return parser
 
@@ -628,10 +777,11 @@ def eval_command(args: argparse.Namespace) -> int:
 
   try:
     report = run_eval(args.results, args.dataset, args.clip, args.out, seed=args.seed, names=args.names)
-  except (DatasetError, clip_lib.CLIPLoadError) as e:
+  except (InputError, clip_lib.CLIPLoadError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(markdown_table(report.summary), end="")
   for key in ("summary_csv", "summary_md", "per_example", "plot"):
-    print(f"wrote {report.files[key]}")
+    if key in report.files:  # no plot without matplotlib
+      print(f"wrote {report.files[key]}")
   return 0

@@ -6,12 +6,14 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from skimage import data
 
+from lusd_jax import cli
 from lusd_jax import evaluation as ev
 from lusd_jax.models import clip as clip_lib
 
@@ -240,9 +242,10 @@ def test_run_eval_end_to_end(bench, tiny_clip, tmp_path):
     [bench["nothing"], bench["edited"]], bench["dataset"], tiny_clip, tmp_path / "out", log=logs.append
   )
   n = len(PHOTOS)
-  # The missing and the unreadable image are reported, by name.
+  # The missing and the unreadable image are reported, by name, once each.
   assert any("unreadable" in m and "004_seed0.png" in m for m in logs)
-  assert any("2 of 5 result images missing" in m and "002_seed0.png, 004_seed0.png" in m for m in logs)
+  assert any("1 of 5 result images missing" in m and "002_seed0.png" in m for m in logs)
+  assert sum(m.count("004_seed0.png") for m in logs) == 1
 
   summary = _read_csv(report.files["summary_csv"])
   assert [(r["method"], r["category"]) for r in summary] == [
@@ -319,7 +322,7 @@ def test_eval_command(bench, tiny_clip, tmp_path, capsys):
     ["--results", bench["edited"], "--dataset", str(tmp_path / "none"), "--clip", "tiny-random"]
   )
   assert ev.eval_command(bad) == 2
-  assert "index.csv" in capsys.readouterr().err
+  assert "--dataset: folder" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     parser.parse_args(["--results", "x", "--dataset", "y", "--seed", "first"])
 
@@ -345,3 +348,165 @@ def test_cli_batch_then_eval(bench, tmp_path):
   assert len(summary) == 2 * 3 and summary[0]["method"] == "lusd" and summary[0]["missing"] == "0"
   assert len(_read_csv(out / "per_example.csv")) == 2 * len(PHOTOS)
   assert os.path.getsize(out / "success_rate.png") > 0
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def clip_loads(monkeypatch, tiny_clip):
+  """Records every CLIP load of `run_eval` (and still loads the tiny CLIP)."""
+  calls = []
+
+  def load(spec, **kw):
+    calls.append(spec)
+    return tiny_clip
+
+  monkeypatch.setattr(clip_lib, "load_clip", load)
+  return calls
+
+
+def _eval(argv, capsys):
+  """`lusd-jax eval ARGV` -> (exit code, stdout, stderr)."""
+  code = cli.main(["eval", *argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def _one_error_line(err: str) -> str:
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  return lines[0]
+
+
+def test_eval_help_defines_the_metrics_and_flags(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["eval", "--help"])
+  assert exit_.value.code == 0
+  text = capsys.readouterr().out
+  lines = text.splitlines()
+  # One definition line each, kept as written (the default formatter would refill the paragraph).
+  for metric, definition in [
+    ("CLIP-T", "cos(CLIP(x), CLIP(local_prompt))"),
+    ("CLIP-R", "cos(CLIP(x), CLIP(global_target_prompt)) / cos(CLIP(x_src)"),
+    ("CLIP-AUC", "CLIP-R > k, k = 1.00 .. 1.40"),
+    ("L1*", "k = 1.00 .. 1.22"),
+    ("CLIP-I*", "the same for CLIP-I"),
+  ]:
+    assert any(line.split()[:1] == [metric] and definition in line for line in lines), metric
+  assert "add / other" in text
+  for name in ("summary.md", "summary.csv", "per_example.csv", "success_rate.csv", "success_rate.png"):
+    assert name in text
+  parser = cli.build_parser()
+  (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+  flags = [a for a in sub.choices["eval"]._actions if a.option_strings and a.dest != "help"]
+  assert {a.dest for a in flags} == {"results", "dataset", "clip", "out", "seed", "names"}
+  for a in flags:
+    assert a.help and ("(default" in a.help or "(required" in a.help), a.dest
+    if a.default is not None:
+      assert f"(default {a.default})" in a.help % {"default": a.default}
+
+
+def test_eval_without_result_images_stops_before_clip(bench, tmp_path, clip_loads, capsys):
+  empty = tmp_path / "out"
+  empty.mkdir()
+  (empty / "notes.txt").write_text("")
+  code, out, err = _eval(
+    ["--results", str(empty), "--dataset", bench["dataset"], "--out", str(tmp_path / "e")], capsys
+  )
+  line = _one_error_line(err)
+  assert code == 2 and f"--results {empty}: no result images found" in line
+  assert "000_seed*.png ... 004_seed*.png" in line and "--seed" in line
+  # Images, but none with the asked seed: the message names --seed and the seeds present.
+  code, out, err = _eval(
+    ["--results", bench["nothing"], "--dataset", bench["dataset"], "--seed", "7"], capsys
+  )
+  line = _one_error_line(err)
+  assert code == 2 and line.startswith("error: --seed 7:") and "000_seed7.png ... 004_seed7.png" in line
+  assert "seeds present: 0" in line
+  # Result images of another dataset (rows beyond index.csv's) are named as the likely cause.
+  Image.new("RGB", (4, 4)).save(empty / "009_seed0.png")
+  code, out, err = _eval(["--results", str(empty), "--dataset", bench["dataset"]], capsys)
+  assert code == 2 and "beyond the 5 rows" in _one_error_line(err)
+  assert clip_loads == [] and not (tmp_path / "e").exists()
+
+
+def test_eval_reports_a_corrupt_image_once(bench, tmp_path, clip_loads, capsys):
+  code, out, err = _eval(
+    ["--results", bench["edited"], "--dataset", bench["dataset"], "--clip", "tiny-random"]
+    + ["--out", str(tmp_path / "e")],
+    capsys,
+  )
+  assert code == 0 and clip_loads == ["tiny-random"]
+  corrupt = os.path.join(bench["edited"], "004_seed0.png")
+  assert (out + err).count("004_seed0.png") == 1 and corrupt in err
+  assert "| edited | all | 5 | 2 |" in out  # still a failed edit, with the missing one
+
+
+def _cases(bench, tmp_path):
+  ds, res = bench["dataset"], bench["nothing"]
+  a_file = tmp_path / "file.txt"
+  a_file.write_text("")
+  no_index = tmp_path / "no_index"
+  no_index.mkdir()
+  return [
+    (["--dataset", str(tmp_path / "none"), "--results", res], "--dataset: folder", "does not exist"),
+    (["--dataset", str(a_file), "--results", res], "--dataset:", "is a file, not a folder"),
+    (["--dataset", str(no_index), "--results", res], "--dataset:", "index.csv"),
+    (["--dataset", ds, "--results", res, str(tmp_path / "none")], "--results: folder", "does not exist"),
+    (["--dataset", ds, "--results", str(a_file)], "--results:", "is a file, not a folder"),
+    (["--dataset", ds, "--results", res, "--out", str(a_file)], "--out:", "is a file, not a folder"),
+    (["--dataset", ds, "--results", res, "--out", str(a_file / "sub")], "--out:", "is a file"),
+    (["--dataset", ds, "--results", res, "--seed", "-1"], "--seed:", "outside [0, 2**32)"),
+    (["--dataset", ds, "--results", res, "--seed", str(2**32)], "--seed:", "outside [0, 2**32)"),
+    (["--dataset", ds, "--results", res, "--names", "a", "b"], "--names:", "2 names for 1"),
+  ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_eval_bad_inputs_stop_before_clip(case, bench, tmp_path, clip_loads, capsys):
+  argv, flag, says = _cases(bench, tmp_path)[case]
+  code, out, err = _eval(argv + ["--clip", "tiny-random"], capsys)
+  line = _one_error_line(err)
+  assert code == 2 and line.startswith(f"error: {flag}") and says in line, line
+  assert clip_loads == [] and out == ""
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_eval_unwritable_out_stops_before_clip(bench, tmp_path, clip_loads, capsys):
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o500)
+  try:
+    code, out, err = _eval(
+      ["--dataset", bench["dataset"], "--results", bench["nothing"], "--out", str(locked / "eval")], capsys
+    )
+  finally:
+    locked.chmod(0o700)
+  assert code == 2 and _one_error_line(err).startswith("error: --out: cannot write") and clip_loads == []
+
+
+def test_eval_without_matplotlib_writes_the_tables(bench, tiny_clip, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+  logs = []
+  report = ev.run_eval(bench["nothing"], bench["dataset"], tiny_clip, tmp_path / "out", log=logs.append)
+  assert "plot" not in report.files and not (tmp_path / "out" / "success_rate.png").exists()
+  assert os.path.isfile(report.files["summary_csv"]) and any("pip install matplotlib" in m for m in logs)
+
+
+def test_matplotlib_is_a_dependency_and_imported_only_to_plot():
+  # `pip install -e .` (no test extra) must be enough for `lusd-jax eval`.
+  tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+  pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+  deps = [d.split(">")[0].split("=")[0].strip() for d in pyproject["project"]["dependencies"]]
+  assert "matplotlib" in deps and "scipy" in deps
+  probe = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import sys; from lusd_jax import cli; cli.build_parser(); print('matplotlib' in sys.modules)",
+    ],
+    capture_output=True,
+    text=True,
+  )
+  assert probe.returncode == 0 and probe.stdout.strip() == "False", probe.stderr
