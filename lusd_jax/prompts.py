@@ -36,8 +36,10 @@ results with the released implementation. Its quirks, each of which the paper ru
   - Token counts come from the space-joined words, so punctuation before the change is not counted
     ("a man in a t-shirt holding a cup" marks token 9, "a", not 10, "cup": "t-shirt" is 3 tokens).
   - One position per noun: its last sub-token in that count (`subtokens` does not apply).
-  Positions outside the 75 visible content tokens are dropped with a warning (the official code would
-  index past them); the explanation names the real tokens marked, so a shifted position shows.
+  Positions outside 1..75 are dropped with a warning (the official code would index past the visible
+  tokens); a count that overshoots the prompt's last token but stays within 75 marks EOS or padding,
+  as the official code does. The explanation names the real tokens marked, so a shifted position
+  shows.
 
 Deliberate differences of the paper rule from the official code, which it otherwise follows: the
 differing substring is the contiguous middle, positions come from character offsets, and words are
