@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
   )
   p.add_argument("src", help="diffusers folder, hub id, or single-file .ckpt/.safetensors")
   p.add_argument("out", help="output folder")
-  p.add_argument("--dtype", default="float32", choices=sorted(loading.DTYPES))
   p.add_argument(
-    "--single-file-config", default=None, help="diffusers folder / repo id giving the architecture"
+    "--dtype", default="float32", choices=sorted(loading.DTYPES), help="stored dtype (default %(default)s)"
+  )
+  p.add_argument(
+    "--single-file-config",
+    default=None,
+    help="diffusers folder / repo id giving the architecture of a single-file SRC (default: inferred)",
   )
   args = p.parse_args(argv)
   try:

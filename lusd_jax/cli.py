@@ -61,7 +61,8 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
     "--preset",
     default="paper",
     choices=["paper", "official"],
-    help="paper: as the paper's text; official: as the public PyTorch code",
+    help="paper: as the paper's text; official: as the public PyTorch code, bug-compatible "
+    "(README, 'The algorithm and its two presets') (default %(default)s)",
   )
   p.add_argument(
     "--size",
@@ -76,9 +77,18 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
     default=None,
     help="seeds to run (default: --init-seed .. --init-seed + --num-seed - 1)",
   )
-  p.add_argument("--init-seed", type=int, default=0)
-  p.add_argument("--num-seed", type=int, default=1)
-  p.add_argument("--save-step", type=int, default=0, help="save progress snapshots every N steps (0: off)")
+  p.add_argument(
+    "--init-seed", type=int, default=0, help="first seed when --seeds is not given (default %(default)s)"
+  )
+  p.add_argument(
+    "--num-seed", type=int, default=1, help="number of seeds when --seeds is not given (default %(default)s)"
+  )
+  p.add_argument(
+    "--save-step",
+    type=int,
+    default=0,
+    help="save progress snapshots every N steps (0: off; default %(default)s)",
+  )
   sharding.add_devices_argument(p)
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   _add_config_arguments(p)
@@ -109,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     help="edit every row of an index.csv",
     description="Edit every row of DIR/index.csv (img_path,source_prompt,target_prompt[,edit_words]).",
   )
-  b.add_argument("--input-dir", required=True)
-  b.add_argument("--output-dir", required=True)
+  b.add_argument("--input-dir", required=True, help="folder with index.csv and images/ (required)")
+  b.add_argument(
+    "--output-dir",
+    required=True,
+    help="folder for {row:03d}_seed{seed}.png, grids and run records (required)",
+  )
   _add_common_arguments(b)
 
   c = sub.add_parser(

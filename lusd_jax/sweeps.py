@@ -546,7 +546,12 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   parser.add_argument(
     "--num-steps", type=int, default=None, help="optimization steps (default: the preset's)"
   )
-  parser.add_argument("--preset", default="paper", choices=["paper", "official"], help="base config")
+  parser.add_argument(
+    "--preset",
+    default="paper",
+    choices=["paper", "official"],
+    help="base config that --set and --grid override (default %(default)s)",
+  )
   loading.add_model_arguments(parser)
   parser.add_argument(
     "--size", type=int, default=512, help="image side, a multiple of 64 (default %(default)s)"

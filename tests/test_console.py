@@ -111,3 +111,18 @@ def test_edits_are_saved_with_the_presets_rounding_and_a_random_weights_title(
   assert record["config"]["edit_token_rule"] == config.edit_token_rule
   assert record["zero_gradient_steps"] == [0]
   assert '"timestep_per_step": [\n    [500, 500]\n  ]' in (tmp_path / "run.json").read_text()
+
+
+def test_every_command_and_flag_has_help_with_its_default():
+  parser = cli.build_parser()
+  commands = parser._subparsers._group_actions[0].choices
+  assert set(commands) >= {"edit", "batch", "convert", "sweep", "eval"}
+  for name, sub in commands.items():
+    assert sub.description, name
+    for action in sub._actions:
+      if action.dest == "help":
+        continue
+      assert action.help, (name, action.dest)
+      has_default = action.default is not None and action.default is not False and not action.required
+      if action.option_strings and has_default:
+        assert "default" in action.help, (name, action.option_strings)
