@@ -28,6 +28,32 @@ CONVERTED_MARKER = "lusd_jax.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+class DtypePolicy(NamedTuple):
+  """Params and activation dtypes of the three networks under one `--dtype` name."""
+
+  unet: str  # U-Net params and activations
+  encoders: str  # VAE and text encoder params and activations
+  help: str  # one line for `--dtype`
+
+
+# The official LUSD code runs the U-Net under torch fp16 autocast and the VAE and text encoder in
+# fp32: that split is "mixed-float16". g and std(g) are float32 here under every policy.
+DTYPE_POLICIES = {
+  "float32": DtypePolicy("float32", "float32", "everything in float32 (the reference; default)"),
+  "bfloat16": DtypePolicy("bfloat16", "bfloat16", "all three networks in bfloat16"),
+  "float16": DtypePolicy("float16", "float16", "all three networks in float16"),
+  "mixed-float16": DtypePolicy(
+    "float16", "float32", "U-Net in float16, VAE and text encoder in float32 (the official code's split)"
+  ),
+  "mixed-bfloat16": DtypePolicy("bfloat16", "float32", "U-Net in bfloat16, VAE and text encoder in float32"),
+}
+
+
+def dtype_help() -> str:
+  """The `--dtype` help: each policy name with its one-line meaning."""
+  return "params and activations: " + "; ".join(f"{k}: {v.help}" for k, v in DTYPE_POLICIES.items())
+
+
 def add_model_arguments(parser) -> None:
   """Adds `--model` and `--dtype` (the arguments of `load_model`) to an argparse parser."""
   parser.add_argument(
@@ -35,7 +61,7 @@ def add_model_arguments(parser) -> None:
     default=DEFAULT_MODEL,
     help="diffusers folder, converted folder, hub id, or tiny-random (default %(default)s)",
   )
-  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+  parser.add_argument("--dtype", default="float32", choices=list(DTYPE_POLICIES), help=dtype_help())
 
 
 # component -> (module, weight file stem, config file)
@@ -72,10 +98,12 @@ class SDModel:
 
   Attributes:
     configs: static configs of the three networks and the noise schedule.
-    params: `SDParams` pytree, in `dtype`.
+    params: `SDParams` pytree: the U-Net's leaves in `unet_dtype`, the VAE's and text encoder's in
+      `compute_dtype`.
     tokenizer: transformers `CLIPTokenizer`.
     name: where it came from (folder, hub id or "tiny-random").
-    dtype: name of the params / activation dtype ("float32", "bfloat16", "float16").
+    dtype: the dtype policy, a key of `DTYPE_POLICIES` ("float32", "bfloat16", "float16",
+      "mixed-float16", "mixed-bfloat16"); run.json records it.
   """
 
   configs: SDConfigs
@@ -85,8 +113,14 @@ class SDModel:
   dtype: str = "float32"
 
   @property
+  def unet_dtype(self) -> str:
+    """Name of the U-Net's params and activation dtype (what `core.FlaxUNet` takes)."""
+    return DTYPE_POLICIES[self.dtype].unet
+
+  @property
   def compute_dtype(self):
-    return DTYPES[self.dtype]
+    """The VAE's and text encoder's dtype (a jnp dtype): images and latents enter them in it."""
+    return DTYPES[DTYPE_POLICIES[self.dtype].encoders]
 
   @property
   def is_random(self) -> bool:
@@ -94,15 +128,32 @@ class SDModel:
 
 
 def _check_dtype(dtype) -> str:
-  name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
-  if name not in DTYPES:
-    raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+  """The policy name of `dtype` (a policy name, or a jnp dtype meaning that dtype everywhere)."""
+  if isinstance(dtype, str):
+    name = dtype
+  else:
+    try:
+      name = jnp.dtype(dtype).name
+    except TypeError:
+      name = repr(dtype)
+  if name not in DTYPE_POLICIES:
+    raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_POLICIES)}.")
   return name
 
 
 def _cast(tree, dtype_name: str):
   dt = DTYPES[dtype_name]
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=dt), tree)
+
+
+def _cast_params(params: SDParams, policy_name: str) -> SDParams:
+  """Casts each network's params to its dtype under the policy."""
+  policy = DTYPE_POLICIES[policy_name]
+  return SDParams(
+    _cast(params.unet, policy.unet),
+    _cast(params.vae, policy.encoders),
+    _cast(params.text_encoder, policy.encoders),
+  )
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -216,9 +267,10 @@ def load_diffusers_folder(root: str, dtype: str = "float32") -> SDModel:
       raise ModelLoadError(
         f"missing folder {os.path.join(root, sub)} (expected a diffusers Stable Diffusion folder)"
       )
-  unet_cfg, unet_params = _component(root, "unet", dtype_name)
-  vae_cfg, vae_params = _component(root, "vae", dtype_name)
-  text_cfg, text_params = _component(root, "text_encoder", dtype_name)
+  policy = DTYPE_POLICIES[dtype_name]
+  unet_cfg, unet_params = _component(root, "unet", policy.unet)
+  vae_cfg, vae_params = _component(root, "vae", policy.encoders)
+  text_cfg, text_params = _component(root, "text_encoder", policy.encoders)
   if text_cfg.hidden_size != unet_cfg.cross_attention_dim:
     raise ModelLoadError(
       f"{root}: text_encoder hidden_size {text_cfg.hidden_size} != unet cross_attention_dim "
@@ -254,6 +306,7 @@ def save_converted(model: SDModel, folder: str) -> None:
 def load_converted(folder: str, dtype: str | None = None) -> SDModel:
   meta = _read_json(os.path.join(folder, CONVERTED_MARKER))
   dtype_name = _check_dtype(dtype or meta.get("dtype", "float32"))
+  policy = DTYPE_POLICIES[dtype_name]
   cfg = meta["configs"]
   try:
     configs = SDConfigs(
@@ -285,7 +338,8 @@ def load_converted(folder: str, dtype: str | None = None) -> SDModel:
     extra = sorted(set(flat) - set(expected))
     if extra:
       raise ModelLoadError(f"{path}: unexpected parameter '{extra[0]}' ({len(extra)} in all)")
-    trees.append(_cast(traverse_util.unflatten_dict(flat, sep="/"), dtype_name))
+    component_dtype = policy.unet if name == "unet" else policy.encoders
+    trees.append(_cast(traverse_util.unflatten_dict(flat, sep="/"), component_dtype))
   tok = tokenizer_lib.load_tokenizer(os.path.join(folder, "tokenizer"))
   return SDModel(configs, SDParams(*trees), tok, name=meta.get("source", folder), dtype=dtype_name)
 
@@ -311,7 +365,7 @@ def tiny_random_model(seed: int = 0, dtype: str = "float32") -> SDModel:
     clip_text.init_params(configs.text_encoder, k_text),
   )
   return SDModel(
-    configs, _cast(params, dtype_name), tokenizer_lib.bundled_tokenizer(), TINY_RANDOM, dtype_name
+    configs, _cast_params(params, dtype_name), tokenizer_lib.bundled_tokenizer(), TINY_RANDOM, dtype_name
   )
 
 
@@ -332,7 +386,11 @@ def load_model(
     path_or_repo_id: a local diffusers folder, a folder written by `convert/` (has `lusd_jax.json`),
       a Hugging Face repo id (downloaded with `huggingface_hub` when a network is there), or
       "tiny-random" (a tiny random-weight model built in memory, for trying the tool).
-    dtype: "float32", "bfloat16" or "float16" for params and activations.
+    dtype: the dtype policy (`DTYPE_POLICIES`): "float32", "bfloat16" or "float16" for the params
+      and activations of all three networks, or "mixed-float16" / "mixed-bfloat16" for a half
+      precision U-Net beside a float32 VAE and text encoder (the official LUSD code's split is
+      "mixed-float16"). g = eps_tgt - eps_src and std(g) are float32 under every policy (the U-Net
+      output is cast first); the official code computes them in fp16.
     revision: hub revision, for repo ids.
 
   Returns:
@@ -342,7 +400,8 @@ def load_model(
     ModelLoadError: naming the missing folder / file / key or the unsupported setting.
 
   Example:
-    >>> model = lusd_jax.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype="bfloat16")
+    >>> model = lusd_jax.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype="mixed-bfloat16")
+    >>> model.unet_dtype, model.compute_dtype  # ("bfloat16", float32): U-Net, VAE and text encoder
   """
   if path_or_repo_id == TINY_RANDOM:
     return tiny_random_model(dtype=dtype)

@@ -336,7 +336,7 @@ def edit(
     optimize = functools.partial(sharding.sharded_optimize, mesh=mesh)
   with step_progress(n, f"LUSD {len(seeds)} seed(s)", enabled=progress) as on_chunk:
     out = optimize(
-      core.FlaxUNet(model.configs.unet, model.dtype),
+      core.FlaxUNet(model.configs.unet, model.unet_dtype),
       model.params.unet,
       inputs,
       keys,
@@ -422,7 +422,7 @@ def edit_many(
   n = config.num_steps
   if progress:
     chunk_size = progress_chunk_size(n, chunk_size)
-  unet_fn = core.FlaxUNet(model.configs.unet, model.dtype)
+  unet_fn = core.FlaxUNet(model.configs.unet, model.unet_dtype)
   params = sharding.replicate(model.params.unet, mesh) if mesh is not None else model.params.unet
 
   prepared: dict[int, PreparedEdit] = {}

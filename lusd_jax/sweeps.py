@@ -256,7 +256,7 @@ def sweep(
   desc = f"LUSD sweep {c} config(s) x {s} seed(s)"
   with pipeline.step_progress(n, desc, enabled=progress) as on_chunk:
     out = sharding.optimize_batch(
-      core.FlaxUNet(model.configs.unet, model.dtype),
+      core.FlaxUNet(model.configs.unet, model.unet_dtype),
       model.params.unet,
       inputs_B,
       keys_B,

@@ -156,3 +156,101 @@ def test_tiny_random_model_runs_without_torch_weights():
   assert model.is_random
   _, _, eps = _unet_forward(model)
   assert eps.shape == (1, 16, 16, 4) and np.all(np.isfinite(eps))
+
+
+# ----------------------------------------------------------------------------- dtype policies
+
+HALF = {"mixed-float16": jnp.float16, "mixed-bfloat16": jnp.bfloat16}
+
+
+def _leaf_dtypes(tree):
+  return {x.dtype for x in jax.tree.leaves(tree)}
+
+
+@pytest.mark.parametrize("policy", sorted(HALF))
+def test_mixed_policy_keeps_the_encoders_in_float32(policy, tiny_sd1_dir, tmp_path):
+  half = jnp.dtype(HALF[policy])
+  folder = loading.load_model(tiny_sd1_dir, dtype=policy)
+  convert_checkpoint.convert(tiny_sd1_dir, str(tmp_path / "converted"))
+  converted = loading.load_model(str(tmp_path / "converted"), dtype=policy)
+  for model in (loading.load_model("tiny-random", dtype=policy), folder, converted):
+    assert model.dtype == policy and model.unet_dtype == half.name
+    assert jnp.dtype(model.compute_dtype) == jnp.float32
+    assert _leaf_dtypes(model.params.unet) == {half}
+    assert (
+      _leaf_dtypes(model.params.vae) == _leaf_dtypes(model.params.text_encoder) == {jnp.dtype(jnp.float32)}
+    )
+  # The encoders hold the checkpoint's float32 values, not half-precision roundings of them.
+  full = loading.load_model(tiny_sd1_dir)
+  assert jax.tree.all(
+    jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), folder.params.vae, full.params.vae)
+  )
+
+
+@pytest.mark.parametrize("policy", ["float32", "bfloat16", "float16"])
+def test_plain_policies_use_one_dtype_everywhere(policy):
+  model = loading.load_model("tiny-random", dtype=policy)
+  assert model.unet_dtype == policy and jnp.dtype(model.compute_dtype) == jnp.dtype(policy)
+  assert _leaf_dtypes(model.params) == {jnp.dtype(policy)}
+
+
+def test_unknown_policy_lists_the_choices():
+  with pytest.raises(loading.ModelLoadError, match=r"'mixed-float32' is not supported.*mixed-bfloat16"):
+    loading.load_model("tiny-random", dtype="mixed-float32")
+
+
+def test_dtype_argument_lists_every_policy(capsys):
+  import argparse
+
+  parser = argparse.ArgumentParser()
+  loading.add_model_arguments(parser)
+  assert parser.parse_args(["--dtype", "mixed-bfloat16"]).dtype == "mixed-bfloat16"
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--dtype", "mixed-float32"])
+  capsys.readouterr()
+  parser.print_help()
+  # argparse wraps lines, at hyphens too: compare without whitespace.
+  text = "".join(capsys.readouterr().out.split())
+  for name, policy in loading.DTYPE_POLICIES.items():
+    assert "".join(f"{name}: {policy.help}".split()) in text
+
+
+def test_mixed_bfloat16_unet_computes_in_bfloat16():
+  from lusd_jax.lusd import core
+
+  model = loading.load_model("tiny-random", dtype="mixed-bfloat16")
+  rng = np.random.default_rng(0)
+  z = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+  ctx = rng.standard_normal((2, 77, model.configs.unet.cross_attention_dim)).astype(np.float32)
+  t = jnp.array([500])
+  half, _ = core.FlaxUNet(model.configs.unet, model.unet_dtype)(model.params.unet, z, t, ctx, None)
+  # The same (bfloat16-valued) params with float32 activations: what only rounding the params gives.
+  params32 = jax.tree.map(lambda x: x.astype(jnp.float32), model.params.unet)
+  full, _ = core.FlaxUNet(model.configs.unet, "float32")(params32, z, t, ctx, None)
+  assert half.dtype == jnp.bfloat16
+  half, full = np.asarray(half, np.float32), np.asarray(full)
+  err = np.linalg.norm(half - full) / np.linalg.norm(full)
+  assert 0 < err < 0.05, err
+
+
+def test_mixed_bfloat16_edit_runs_close_to_float32():
+  from lusd_jax import pipeline
+  from lusd_jax.lusd.config import LUSDConfig
+
+  # No filtering: both runs use the same draws, so only the U-Net's rounding separates them.
+  config = LUSDConfig(num_steps=2, lr=1 / 64, threshold=0.0)
+  image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  results = {}
+  for policy in ("float32", "mixed-bfloat16"):
+    model = loading.load_model("tiny-random", dtype=policy)
+    results[policy] = pipeline.edit(
+      model, image, "a photo of a cat", "a photo of a dog", config=config, size=64
+    )
+  full, half = results["float32"], results["mixed-bfloat16"]
+  assert np.all(np.isfinite(half.latents)) and np.all(np.isfinite(half.images))
+  np.testing.assert_array_equal(half.timesteps, full.timesteps)
+  # The VAE is float32 under both policies: the source latent is the same.
+  z_src = pipeline.encode_image(loading.load_model("tiny-random"), full.input_image)
+  step_full, step_half = full.latents[0] - z_src, half.latents[0] - z_src
+  err = np.linalg.norm(step_half - step_full) / np.linalg.norm(step_full)
+  assert 0 < err < 0.2, err

@@ -59,9 +59,15 @@ NoiseFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array
 class FlaxUNet:
   """`UNetFn` of the project's Flax U-Net: hashable, so equal configs share compiled programs.
 
+  The output is in `dtype`; the loop casts it to float32 before computing g = eps_tgt - eps_src, so
+  g and std(g) (the filter's statistic and Eq. 4's normalizer) are float32 under every dtype, whereas
+  the official code, under fp16 autocast, computes them from fp16 outputs in fp16
+  (`benchmarks/precision.py` measures what a half-precision U-Net changes).
+
   Attributes:
     config: the U-Net's config.
-    dtype: activation dtype name ("float32", "bfloat16", "float16").
+    dtype: activation dtype name ("float32", "bfloat16", "float16"); for a loaded model,
+      `SDModel.unet_dtype` (a dtype policy such as "mixed-bfloat16" is not a dtype).
     attention_impl: `dot_product_attention` implementation for uncaptured layers.
   """
 
