@@ -328,9 +328,13 @@ def cmd_edit(args) -> int:
 
 
 def cmd_batch(args) -> int:
-  """Edits every pending (row, seed) of index.csv; on several devices, several rows run at once.
+  """Edits every unfinished (row, seed) of index.csv; on several devices, several rows run at once.
 
-  Each row's files are written as soon as its last seed finishes; a rerun skips finished seeds.
+  Resume is per seed and per row (see the comment above `io.PER_SEED_KEYS`): each seed's image is
+  followed by its record `{row:03d}_seed{s}.json`; a rerun keeps the seeds that have both, computes
+  the others, and then rebuilds the row's grid and run.json from every requested seed, reading the
+  finished ones back. Rows already complete are skipped, and when no seed is left to compute the
+  model is not loaded.
   """
   from lusd_jax import io, pipeline, sharding
 
@@ -338,62 +342,133 @@ def cmd_batch(args) -> int:
   seeds = _seeds(args)
   config = _config(args)
   io.validate_size(args.size)
+  out_dir = io.check_output_dir(args.output_dir, flag="--output-dir")
   mesh = sharding.mesh_for(args.devices)
-  model = _load_model(args)
+  snapshots = bool(args.save_step)
+  stale = io.remove_stale_temp_files(out_dir)
+  if stale:
+    print(f"batch: removed {len(stale)} temporary file(s) left by an interrupted run", file=sys.stderr)
   failures: list[tuple[int, str]] = []
-  jobs, job_rows = [], []
+  jobs, job_rows, kept = [], [], []  # kept[j]: the finished seeds' records of job j's row
+  rebuild = []  # (row, records): every seed finished, the row's grid or run.json missing
   skipped = 0
   for row in rows:
-    todo = io.pending_seeds(args.output_dir, row.row, seeds)
-    if not todo:
+    if io.row_is_done(out_dir, row.row, seeds, snapshots):
       skipped += 1
-    elif row.problem:
+      continue
+    if row.problem:
       failures.append((row.row, f"index.csv row {row.row}: {row.problem}"))
       print(f"[row {row.row}] failed: {failures[-1][1]}", file=sys.stderr)
-    else:
-      label = (
-        f"[row {row.row}] {os.path.basename(row.img_path)}: {row.source_prompt!r} -> {row.target_prompt!r}"
-      )
-      jobs.append(
-        pipeline.EditJob(
-          row.img_path, row.source_prompt, row.target_prompt, tuple(todo), row.edit_words, label
-        )
-      )
-      job_rows.append(row.row)
-  devices = sharding.num_devices(mesh)
-  if jobs and devices > 1:
-    print(f"batch: {sum(len(j.seeds) for j in jobs)} edits over {devices} devices")
-  done = 0
-  results = pipeline.edit_many(
-    model,
-    jobs,
-    config,
-    size=args.size,
-    mesh=mesh,
-    snapshot_every=args.save_step or None,
-    progress=not args.quiet,
-    announce=print,
-  )
-  for j, result in results:
-    r = job_rows[j]
-    if isinstance(result, Exception):
-      failures.append((r, str(result)))
-      print(f"[row {r}] failed: {result}", file=sys.stderr)
       continue
-    _save_result(
-      result,
-      model,
-      args,
-      args.output_dir,
-      lambda s, r=r: f"{r:03d}_" if s is None else io.output_name(r, s),
-      title_prefix=f"{r:03d}: ",
+    finished = io.finished_seed_records(out_dir, row.row, seeds, snapshots)
+    todo = [s for s in seeds if s not in finished]
+    if not todo:
+      rebuild.append((row, finished))
+      continue
+    label = (
+      f"[row {row.row}] {os.path.basename(row.img_path)}: {row.source_prompt!r} -> {row.target_prompt!r}"
     )
+    jobs.append(
+      pipeline.EditJob(row.img_path, row.source_prompt, row.target_prompt, tuple(todo), row.edit_words, label)
+    )
+    job_rows.append(row.row)
+    kept.append(finished)
+  done = 0
+  for row, finished in rebuild:  # no compute: the input image is all that is read
+    print(f"[row {row.row}] every seed is finished: writing the row's grid and run.json")
+    try:
+      image = io.load_image(row.img_path, args.size)
+    except io.InputError as e:
+      failures.append((row.row, str(e)))
+      print(f"[row {row.row}] failed: {e}", file=sys.stderr)
+      continue
+    _save_batch_row(out_dir, row.row, seeds, image, {}, finished)
     done += 1
+  if jobs:
+    model = _load_model(args)
+    devices = sharding.num_devices(mesh)
+    if devices > 1:
+      print(f"batch: {sum(len(j.seeds) for j in jobs)} edits over {devices} devices")
+    results = pipeline.edit_many(
+      model,
+      jobs,
+      config,
+      size=args.size,
+      mesh=mesh,
+      snapshot_every=args.save_step or None,
+      progress=not args.quiet,
+      announce=print,
+    )
+    for j, result in results:
+      r = job_rows[j]
+      if isinstance(result, Exception):
+        failures.append((r, str(result)))
+        print(f"[row {r}] failed: {result}", file=sys.stderr)
+        continue
+      new = _save_batch_seeds(result, model, args, out_dir, r)
+      images = {s: result.images[i] for i, s in enumerate(result.seeds)}
+      _save_batch_row(out_dir, r, seeds, result.input_image, images, {**kept[j], **new})
+      done += 1
   failures.sort()
   print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {len(rows)} rows)")
   if failures:
     print(io.summarize_failures(failures))
   return 1 if failures else 0
+
+
+def _save_batch_seeds(result, model, args, out_dir, r: int) -> dict[int, dict]:
+  """Writes each computed seed's strip (with --save-step), image, then record; returns the records.
+
+  The record (`io.split_run_record` of the run record, plus the seed's edit mask for the grid) is
+  written last, so that its presence means the seed is finished (`io.finished_seed_records`).
+  """
+  from lusd_jax import io, pipeline, visual
+
+  records = io.split_run_record(pipeline.run_record(result, model, args.model))
+  out = {}
+  for i, s in enumerate(result.seeds):
+    if result.snapshots is not None:
+      strip = visual.snapshot_strip(
+        result.input_image, list(result.snapshots[i]), list(result.snapshot_steps)
+      )
+      io.save_png(os.path.join(out_dir, io.snapshot_name(r, s)), strip)
+    io.save_png(os.path.join(out_dir, io.output_name(r, s)), result.images[i])
+    record = records[i]
+    if result.mask is not None:
+      record["mask"] = io.array_to_json(result.mask[i])
+    io.write_json_atomic(os.path.join(out_dir, io.seed_record_name(r, s)), record)
+    out[s] = record
+  return out
+
+
+def _save_batch_row(out_dir, r: int, seeds, input_image, images: dict, records: dict) -> None:
+  """Writes a row's grid, then its run.json, over every requested seed.
+
+  Args:
+    out_dir: batch output folder.
+    r: data-row index.
+    seeds: the requested seeds, in order.
+    input_image: the preprocessed input [H, W, 3].
+    images: `{seed: image}` computed in this run; the others are read from their PNGs.
+    records: `{seed: one-seed record}` of every requested seed.
+  """
+  from lusd_jax import io, visual
+
+  tiles = [input_image]
+  for s in seeds:
+    tiles.append(
+      images[s] if s in images else io.read_output_image(os.path.join(out_dir, io.output_name(r, s)))
+    )
+  captions = ["input"] + [f"seed {s}" for s in seeds]
+  first = records[seeds[0]]
+  if "mask" in first:
+    tiles.append(visual.mask_overlay(input_image, io.array_from_json(first["mask"])))
+    captions.append(f"edit mask (seed {seeds[0]})")
+  title = f'{r:03d}: "{first["source_prompt"]}" -> "{first["target_prompt"]}"'
+  io.save_png(os.path.join(out_dir, io.grid_name(r)), visual.grid(tiles, captions, title=title))
+  io.write_json_atomic(
+    os.path.join(out_dir, io.run_record_name(r)), io.merge_seed_records([records[s] for s in seeds])
+  )
 
 
 def cmd_convert(args) -> int:

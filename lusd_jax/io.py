@@ -13,6 +13,7 @@ get wrong (alpha, 16-bit and float grayscale) instead of clipping or blackening 
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import json
@@ -612,6 +613,26 @@ def output_name(row: int, seed: int) -> str:
   return f"{row:03d}_seed{seed}.png"
 
 
+def seed_record_name(row: int, seed: int) -> str:
+  """File name of one seed's record (`split_run_record`), written right after its image."""
+  return f"{row:03d}_seed{seed}.json"
+
+
+def snapshot_name(row: int, seed: int) -> str:
+  """File name of one seed's progress strip (`--save-step`), written right before its image."""
+  return f"{row:03d}_snapshots_seed{seed}.png"
+
+
+def grid_name(row: int) -> str:
+  """File name of a row's grid (input | every seed | edit mask)."""
+  return f"{row:03d}_grid.png"
+
+
+def run_record_name(row: int) -> str:
+  """File name of a row's run record (`pipeline.run_record` over every seed), written last."""
+  return f"{row:03d}_run.json"
+
+
 def is_done(path: str | os.PathLike) -> bool:
   """Whether an output file is finished: it exists and is non-empty (writes are atomic)."""
   p = Path(path)
@@ -619,7 +640,10 @@ def is_done(path: str | os.PathLike) -> bool:
 
 
 def pending_seeds(out_dir: str | os.PathLike, row: int, seeds: Iterable[int]) -> list[int]:
-  """The seeds of `row` whose output image is not written yet, for resuming a batch.
+  """The seeds of `row` whose output image is not written yet.
+
+  This looks at the images only; `lusd-jax batch` resumes with `finished_seed_records`, which also
+  needs each seed's record.
 
   Args:
     out_dir: batch output folder (may not exist yet).
@@ -631,6 +655,174 @@ def pending_seeds(out_dir: str | os.PathLike, row: int, seeds: Iterable[int]) ->
   """
   out_dir = Path(out_dir)
   return [s for s in seeds if not is_done(out_dir / output_name(row, s))]
+
+
+# How a batch resumes. Each row is written in this order, every file atomically (`_atomic_write`):
+#   for each computed seed: [snapshots_seed{s}.png], seed{s}.png, seed{s}.json
+#   then grid.png, then run.json (built from the records of ALL requested seeds).
+# A kill leaves a prefix of that sequence (plus perhaps one `.{name}.*.tmp`), so a seed is finished
+# when its record exists (its image and strip were written before it), and a row is done when its
+# run.json, written last, lists every requested seed. A rerun computes the unfinished seeds only and
+# rebuilds the row's grid and run.json, reading the finished seeds' images and records back.
+
+# The entries of `pipeline.run_record` that hold one value per seed, in the order of "seeds".
+PER_SEED_KEYS = ("rejections_per_step", "timestep_per_step", "total_rejections", "hit_max_attempts")
+
+
+def split_run_record(record: dict) -> list[dict]:
+  """Splits a run record over S seeds into S one-seed records (the inverse of `merge_seed_records`).
+
+  Args:
+    record: a `pipeline.run_record`, with "seeds" and the `PER_SEED_KEYS` lists in seed order.
+
+  Returns:
+    One dict per seed, in order: the shared entries as they are, "seed" in place of "seeds", and
+    that seed's entry of each `PER_SEED_KEYS` list.
+  """
+  seeds = record["seeds"]
+  out = []
+  for i, seed in enumerate(seeds):
+    one = {}
+    for k, v in record.items():
+      if k == "seeds":
+        one["seed"] = seed
+      elif k in PER_SEED_KEYS:
+        one[k] = v[i]
+      else:
+        one[k] = v
+    out.append(one)
+  return out
+
+
+def merge_seed_records(records: Sequence[dict]) -> dict:
+  """One run record over several seeds from their one-seed records (see `split_run_record`).
+
+  Args:
+    records: one-seed records, in the order the merged "seeds" should list them.
+
+  Returns:
+    A record in the format of `pipeline.run_record`: the shared entries (prompts, edit tokens,
+    config, model, timings, versions) are the first record's, "seeds" and the `PER_SEED_KEYS`
+    entries list every record's value in order; a record's "mask" (grid only) is left out.
+  """
+  if not records:
+    raise ValueError("merge_seed_records: no records")
+  merged = {}
+  for k, v in records[0].items():
+    if k == "seed":
+      merged["seeds"] = [r["seed"] for r in records]
+    elif k in PER_SEED_KEYS:
+      merged[k] = [r[k] for r in records]
+    elif k != "mask":
+      merged[k] = v
+  return merged
+
+
+def array_to_json(x: Any) -> dict:
+  """A float array as JSON, exactly: `{"shape", "dtype": "float32", "base64"}` of little-endian bytes."""
+  x = np.ascontiguousarray(np.asarray(x, dtype="<f4"))
+  return {"shape": list(x.shape), "dtype": "float32", "base64": base64.b64encode(x.tobytes()).decode("ascii")}
+
+
+def array_from_json(obj: dict) -> np.ndarray:
+  """The float32 array that `array_to_json` wrote."""
+  return np.frombuffer(base64.b64decode(obj["base64"]), dtype="<f4").reshape(obj["shape"]).astype(np.float32)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """A JSON file's data, or None when it is missing or unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    return None
+
+
+def read_output_image(path: str | os.PathLike) -> np.ndarray:
+  """An image this package wrote, as uint8 [H, W, 3], without resizing."""
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def finished_seed_records(
+  out_dir: str | os.PathLike, row: int, seeds: Iterable[int], snapshots: bool = False
+) -> dict[int, dict]:
+  """The finished seeds of a batch row and their records, for resuming.
+
+  A seed is finished when its image and its record `seed_record_name(row, seed)` are both written
+  (and its progress strip, when `snapshots`). An image without a record (a run killed between the
+  two) does not count: its statistics are lost, so the seed is computed again.
+
+  Args:
+    out_dir: batch output folder (may not exist yet).
+    row: data-row index.
+    seeds: the seeds the run asks for.
+    snapshots: whether the run writes progress strips (`--save-step`).
+
+  Returns:
+    `{seed: one-seed record}` of the finished seeds, in the given order.
+  """
+  out_dir = Path(out_dir)
+  done = {}
+  for s in seeds:
+    if not is_done(out_dir / output_name(row, s)):
+      continue
+    if snapshots and not is_done(out_dir / snapshot_name(row, s)):
+      continue
+    record = read_json(out_dir / seed_record_name(row, s))
+    if isinstance(record, dict) and record.get("seed") == s:
+      done[s] = record
+  return done
+
+
+def row_is_done(out_dir: str | os.PathLike, row: int, seeds: Iterable[int], snapshots: bool = False) -> bool:
+  """Whether a batch row is complete for `seeds`: nothing to compute or write.
+
+  Args:
+    out_dir: batch output folder (may not exist yet).
+    row: data-row index.
+    seeds: the seeds the run asks for.
+    snapshots: whether the run writes progress strips (`--save-step`).
+
+  Returns:
+    True when the row's grid and run.json exist, run.json lists every seed of `seeds`, and every
+    seed's image (and strip, when `snapshots`) exists.
+  """
+  out_dir = Path(out_dir)
+  seeds = list(seeds)
+  record = read_json(out_dir / run_record_name(row))
+  if not (is_done(out_dir / grid_name(row)) and isinstance(record, dict)):
+    return False
+  listed = record.get("seeds")
+  if not isinstance(listed, list) or not set(seeds) <= set(listed):
+    return False
+  names = [output_name(row, s) for s in seeds] + ([snapshot_name(row, s) for s in seeds] if snapshots else [])
+  return all(is_done(out_dir / name) for name in names)
+
+
+# `_atomic_write`'s temp files of batch outputs: `.{row:03d}_...{.png,.json}.{mkstemp letters}.tmp`.
+_BATCH_TEMP = re.compile(r"^\.\d{3,}_[^/\\]*\.(?:png|json)\.[a-z0-9_]+\.tmp$")
+
+
+def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+  """Deletes the temp files that a killed batch left in `out_dir` (`_atomic_write`'s, nothing else).
+
+  Run it before a batch starts writing: a temp file of a running write in the same folder (a second
+  batch writing there at the same time) would be deleted too.
+
+  Args:
+    out_dir: batch output folder (may not exist yet).
+
+  Returns:
+    The files deleted, sorted.
+  """
+  out_dir = Path(out_dir)
+  if not out_dir.is_dir():
+    return []
+  stale = sorted(p for p in out_dir.iterdir() if _BATCH_TEMP.match(p.name) and p.is_file())
+  for p in stale:
+    p.unlink(missing_ok=True)
+  return stale
 
 
 def summarize_failures(failures: Sequence[tuple[int, str]]) -> str:
