@@ -265,6 +265,20 @@ def _load_model(args):
   return loading.load_model(args.model, dtype=args.dtype)
 
 
+def _edit_grid(input_image, images, seeds, mask, title: str, random_weights: bool):
+  """The picture of one edit: input | one edit per seed | the first seed's mask, captioned."""
+  from lusd_jax import visual
+
+  tiles = [input_image, *images]
+  captions = ["input"] + [f"seed {s}" for s in seeds]
+  if mask is not None:
+    tiles.append(visual.mask_overlay(input_image, mask))
+    captions.append(f"edit mask (seed {seeds[0]})")
+  if random_weights:
+    title += " (random weights)"
+  return visual.grid(tiles, captions, title=title)
+
+
 def _save_result(result, model, args, out_dir, name_fn, title_prefix=""):
   """Writes one edit's images, grid, snapshot strips and run record."""
   import numpy as np
@@ -276,15 +290,10 @@ def _save_result(result, model, args, out_dir, name_fn, title_prefix=""):
   for i, s in enumerate(seeds):
     io.save_png(os.path.join(out_dir, name_fn(s)), result.images[i], result.config.output_rounding)
   base = name_fn(None)
-  tiles = [result.input_image] + [result.images[i] for i in range(len(seeds))]
-  captions = ["input"] + [f"seed {s}" for s in seeds]
-  if result.mask is not None:
-    tiles.append(visual.mask_overlay(result.input_image, np.asarray(result.mask[0])))
-    captions.append(f"edit mask (seed {seeds[0]})")
+  mask = None if result.mask is None else np.asarray(result.mask[0])
   title = f'{title_prefix}"{result.source_prompt}" -> "{result.target_prompt}"'
-  if model.is_random:
-    title += " (random weights)"
-  io.save_png(os.path.join(out_dir, f"{base}grid.png"), visual.grid(tiles, captions, title=title))
+  grid = _edit_grid(result.input_image, list(result.images), seeds, mask, title, model.is_random)
+  io.save_png(os.path.join(out_dir, f"{base}grid.png"), grid)
   if result.snapshots is not None:
     for i, s in enumerate(seeds):
       strip = visual.snapshot_strip(
@@ -373,6 +382,8 @@ def cmd_batch(args) -> int:
     )
     job_rows.append(row.row)
     kept.append(finished)
+  if jobs:  # the rows' prompts, edit words and images, checked before the weights load
+    jobs, job_rows, kept = _check_batch_jobs(args, config, seeds, jobs, job_rows, kept, failures)
   done = 0
   for row, finished in rebuild:  # no compute: the input image is all that is read
     print(f"[row {row.row}] every seed is finished: writing the row's grid and run.json")
@@ -416,6 +427,33 @@ def cmd_batch(args) -> int:
   return 1 if failures else 0
 
 
+def _check_batch_jobs(args, config, seeds, jobs, job_rows, kept, failures):
+  """Drops (and reports as failed) the jobs whose inputs fail the checks that need no weights.
+
+  Raises:
+    io.InputError: the t range does not fit the model's schedule (every row would fail).
+  """
+  from lusd_jax import io, loading, pipeline
+
+  head = loading.load_model_head(args.model)
+  _check_timesteps(config, head.schedule)
+  keep = []
+  for j, job in enumerate(jobs):
+    try:
+      if not os.path.isfile(job.image):
+        raise io.InputError(f"image not found: {job.image}")
+      pipeline.check_edit(
+        head.tokenizer, head.schedule, job.source_prompt, job.target_prompt, job.seeds, config,
+        job.edit_words, size=args.size, announce=lambda _note: None,
+      )  # fmt: skip
+    except io.InputError as e:
+      failures.append((job_rows[j], str(e)))
+      print(f"[row {job_rows[j]}] failed: {e}", file=sys.stderr)
+      continue
+    keep.append(j)
+  return [jobs[j] for j in keep], [job_rows[j] for j in keep], [kept[j] for j in keep]
+
+
 def _save_batch_seeds(result, model, args, out_dir, r: int) -> dict[int, dict]:
   """Writes each computed seed's strip (with --save-step), image, then record; returns the records.
 
@@ -432,7 +470,7 @@ def _save_batch_seeds(result, model, args, out_dir, r: int) -> dict[int, dict]:
         result.input_image, list(result.snapshots[i]), list(result.snapshot_steps)
       )
       io.save_png(os.path.join(out_dir, io.snapshot_name(r, s)), strip)
-    io.save_png(os.path.join(out_dir, io.output_name(r, s)), result.images[i])
+    io.save_png(os.path.join(out_dir, io.output_name(r, s)), result.images[i], result.config.output_rounding)
     record = records[i]
     if result.mask is not None:
       record["mask"] = io.array_to_json(result.mask[i])
@@ -452,20 +490,17 @@ def _save_batch_row(out_dir, r: int, seeds, input_image, images: dict, records: 
     images: `{seed: image}` computed in this run; the others are read from their PNGs.
     records: `{seed: one-seed record}` of every requested seed.
   """
-  from lusd_jax import io, visual
+  from lusd_jax import io
 
-  tiles = [input_image]
-  for s in seeds:
-    tiles.append(
-      images[s] if s in images else io.read_output_image(os.path.join(out_dir, io.output_name(r, s)))
-    )
-  captions = ["input"] + [f"seed {s}" for s in seeds]
+  edits = [
+    images[s] if s in images else io.read_output_image(os.path.join(out_dir, io.output_name(r, s)))
+    for s in seeds
+  ]
   first = records[seeds[0]]
-  if "mask" in first:
-    tiles.append(visual.mask_overlay(input_image, io.array_from_json(first["mask"])))
-    captions.append(f"edit mask (seed {seeds[0]})")
+  mask = io.array_from_json(first["mask"]) if "mask" in first else None
   title = f'{r:03d}: "{first["source_prompt"]}" -> "{first["target_prompt"]}"'
-  io.save_png(os.path.join(out_dir, io.grid_name(r)), visual.grid(tiles, captions, title=title))
+  grid = _edit_grid(input_image, edits, seeds, mask, title, bool(first.get("random_weights")))
+  io.save_png(os.path.join(out_dir, io.grid_name(r)), grid)
   io.write_json_atomic(
     os.path.join(out_dir, io.run_record_name(r)), io.merge_seed_records([records[s] for s in seeds])
   )

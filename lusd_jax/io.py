@@ -666,7 +666,13 @@ def pending_seeds(out_dir: str | os.PathLike, row: int, seeds: Iterable[int]) ->
 # rebuilds the row's grid and run.json, reading the finished seeds' images and records back.
 
 # The entries of `pipeline.run_record` that hold one value per seed, in the order of "seeds".
-PER_SEED_KEYS = ("rejections_per_step", "timestep_per_step", "total_rejections", "hit_max_attempts")
+PER_SEED_KEYS = (
+  "rejections_per_step",
+  "timestep_per_step",
+  "total_rejections",
+  "hit_max_attempts",
+  "zero_gradient_steps",
+)
 
 
 def split_run_record(record: dict) -> list[dict]:

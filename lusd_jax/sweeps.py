@@ -454,14 +454,7 @@ def sweep_record(result: SweepResult, model: SDModel, model_id: str | None = Non
 
 
 # Per-config entries of `pipeline.run_record`; the rest is shared by the sweep's cells.
-_CELL_KEYS = (
-  "config",
-  "rejections_per_step",
-  "timestep_per_step",
-  "total_rejections",
-  "hit_max_attempts",
-  "zero_gradient_steps",
-)
+_CELL_KEYS = ("config", *io.PER_SEED_KEYS)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -173,3 +173,53 @@ def test_flag_names():
   flags = {o for a in parser._subparsers._group_actions[0].choices["edit"]._actions for o in a.option_strings}
   for f in ("t_max", "lr", "reg_scale", "seeds", "edit_words", "source_prompt", "target_prompt"):
     assert cli.flag_name(f) in flags, f
+
+
+def _batch_folder(tmp_path, rows, extra_columns=()):
+  import csv
+
+  from PIL import Image
+
+  d = tmp_path / "in"
+  (d / "images").mkdir(parents=True)
+  Image.new("RGB", (64, 64), (200, 100, 50)).save(d / "images" / "x.png")
+  with open(d / "index.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["img_path", "source_prompt", "target_prompt", *extra_columns])
+    w.writerows(rows)
+  return d
+
+
+def test_batch_rows_with_bad_inputs_fail_before_loading(tmp_path, capsys, no_load):
+  rows = [
+    ("x.png", "a cat", "A  Cat", ""),  # CLIP sees the same prompt twice
+    ("x.png", "a cat", "a dog", "unicorn"),  # an edit word that is not in the target
+    ("missing.png", "a cat", "a dog", ""),
+  ]
+  d = _batch_folder(tmp_path, rows, ["edit_words"])
+  argv = ["batch", "--input-dir", str(d), "--output-dir", str(tmp_path / "o"), "--model", "tiny-random"]
+  assert cli.main([*argv, "--size", "64", "--quiet"]) == 1  # every row failed, nothing was loaded
+  out, err = capsys.readouterr()
+  assert "0 edited, 0 already done, 3 failed" in out
+  assert "[row 0] failed: source_prompt 'a cat' and target_prompt 'A  Cat'" in err
+  assert "[row 1] failed: edit_words" in err and "unicorn" in err
+  assert "[row 2] failed: image not found" in err
+
+
+@pytest.mark.parametrize(
+  "extra, words",
+  [
+    (["--t-max", "5000"], ["--t-max"]),
+    (["--seeds", "-2"], ["--seeds"]),
+    (["--output-dir", "{file}"], ["--output-dir", "is a file"]),
+  ],
+)
+def test_batch_rejects_bad_flags_before_loading(extra, words, tmp_path, capsys, no_load):
+  (tmp_path / "file").write_text("x")
+  d = _batch_folder(tmp_path, [("x.png", "a cat", "a dog")])
+  argv = ["batch", "--input-dir", str(d), "--output-dir", str(tmp_path / "o"), "--model", "tiny-random"]
+  argv += [a.replace("{file}", str(tmp_path / "file")) for a in extra]
+  assert cli.main(argv) == 2
+  line = _error_line(capsys)
+  for word in words:
+    assert word in line, line
