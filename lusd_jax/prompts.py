@@ -566,7 +566,7 @@ def _given_word_indices(
     if not hits:
       raise ValueError(
         f"edit word {w!r} does not occur in the target prompt {target_prompt!r} "
-        f"(its words: {', '.join(tgt) or 'none'})"
+        f"(its words: {', '.join(dict.fromkeys(t.lower() for t in tgt)) or 'none'})"
       )
     inside = [i for i in hits if start <= i < end]
     indices += inside or hits

@@ -33,6 +33,13 @@ def _error_line(capsys) -> str:
   return lines[0]
 
 
+def _fill(args, tmp_path):
+  """Replaces {file} (an existing file) and {ro} (a folder that cannot be written) in arguments."""
+  (tmp_path / "file").write_text("not a folder")
+  subs = {"{file}": str(tmp_path / "file"), "{ro}": str(_read_only_dir(tmp_path))}
+  return [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in args]
+
+
 def _read_only_dir(tmp_path):
   """A folder this process cannot write to (chmod for users; /sys/kernel is read-only for root)."""
   if os.geteuid() != 0:
@@ -67,10 +74,7 @@ EDIT = ["edit", "--example", "cat", "--model", "tiny-random", "--size", "64", "-
   ],
 )
 def test_edit_rejects_bad_input_before_loading(extra, words, tmp_path, capsys, no_load):
-  (tmp_path / "file").write_text("not a folder")
-  subs = {"{file}": str(tmp_path / "file"), "{ro}": str(_read_only_dir(tmp_path))}
-  extra = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in extra]
-  argv = [*EDIT, "--out", str(tmp_path / "out"), *extra]
+  argv = [*EDIT, "--out", str(tmp_path / "out"), *_fill(extra, tmp_path)]
   assert cli.main(argv) == 2
   line = _error_line(capsys)
   for word in words:
@@ -88,8 +92,7 @@ def test_edit_rejects_bad_input_before_loading(extra, words, tmp_path, capsys, n
   ],
 )
 def test_sweep_rejects_bad_input_before_loading(extra, words, tmp_path, capsys, no_load):
-  (tmp_path / "file").write_text("x")
-  extra = [a.replace("{file}", str(tmp_path / "file")) for a in extra]
+  extra = _fill(extra, tmp_path)
   parser = add_sweep_arguments(cli._Parser(prog="lusd-jax sweep"))
   argv = ["--example", "cat", "--grid", "lr=0.5,1", "--model", "tiny-random", "--size", "64"]
   argv += ["--out", str(tmp_path / "o"), *extra]
@@ -212,13 +215,13 @@ def test_batch_rows_with_bad_inputs_fail_before_loading(tmp_path, capsys, no_loa
     (["--t-max", "5000"], ["--t-max"]),
     (["--seeds", "-2"], ["--seeds"]),
     (["--output-dir", "{file}"], ["--output-dir", "is a file"]),
+    (["--output-dir", "{ro}/sub"], ["--output-dir", "cannot write"]),
   ],
 )
 def test_batch_rejects_bad_flags_before_loading(extra, words, tmp_path, capsys, no_load):
-  (tmp_path / "file").write_text("x")
   d = _batch_folder(tmp_path, [("x.png", "a cat", "a dog")])
   argv = ["batch", "--input-dir", str(d), "--output-dir", str(tmp_path / "o"), "--model", "tiny-random"]
-  argv += [a.replace("{file}", str(tmp_path / "file")) for a in extra]
+  argv += _fill(extra, tmp_path)
   assert cli.main(argv) == 2
   line = _error_line(capsys)
   for word in words:

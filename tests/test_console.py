@@ -126,3 +126,39 @@ def test_every_command_and_flag_has_help_with_its_default():
       has_default = action.default is not None and action.default is not False and not action.required
       if action.option_strings and has_default:
         assert "default" in action.help, (name, action.option_strings)
+
+
+def test_large_image_warning_is_one_line(tmp_path, capsys, monkeypatch):
+  # PIL warns between 1x and 2x its pixel limit (DecompressionBombWarning); shrink the limit.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)
+  Image.new("RGB", (200, 200), (10, 20, 30)).save(tmp_path / "big.png")  # 40,000 pixels
+  argv = [
+    "edit",
+    str(tmp_path / "big.png"),
+    "--source",
+    "a cat",
+    "--target",
+    "A cat",
+    "--model",
+    "tiny-random",
+  ]
+  assert cli.main([*argv, "--size", "64", "--out", str(tmp_path / "o")]) == 2  # stops at the prompts
+  err = capsys.readouterr().err
+  warned = [line for line in err.splitlines() if line.startswith("warning:")]
+  assert len(warned) == 1 and "decompression bomb" in warned[0], err
+  assert "big.png" not in warned[0] and ".py" not in err
+
+
+def test_explanation_line_is_cut_to_a_sensible_length(tmp_path, capsys, monkeypatch):
+  def load_model(*args, **kwargs):
+    raise SystemExit(99)  # stop right after the checks; they have printed the notes
+
+  monkeypatch.setattr(loading, "load_model", load_model)
+  nouns = " ".join(f"a {w} and" for w in ["hat", "scarf", "coat", "boot", "glove", "belt", "ring"] * 3)
+  Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+  argv = ["edit", str(tmp_path / "x.png"), "--source", "a cat", "--target", f"a cat with {nouns} a bag"]
+  with pytest.raises(SystemExit):
+    cli.main([*argv, "--model", "tiny-random", "--size", "64", "--out", str(tmp_path / "o")])
+  out = capsys.readouterr().out
+  line = next(line for line in out.splitlines() if line.startswith("edit words:"))
+  assert len(line) <= pipeline.MAX_NOTE_CHARS and line.endswith("...")
