@@ -329,19 +329,15 @@ def edit(
   if progress:
     chunk_size = progress_chunk_size(n, chunk_size)
   t1 = time.perf_counter()
-  optimize = core.optimize
-  if mesh is not None:
-    from lusd_jax import sharding
-
-    optimize = functools.partial(sharding.sharded_optimize, mesh=mesh)
   with step_progress(n, f"LUSD {len(seeds)} seed(s)", enabled=progress) as on_chunk:
-    out = optimize(
+    out = core.optimize(
       core.FlaxUNet(model.configs.unet, model.unet_dtype),
       model.params.unet,
       inputs,
       keys,
       config,
       schedule=model.configs.schedule,
+      mesh=mesh,
       noise_fn=noise_fn,
       snapshot_every=snapshot_every,
       chunk_size=chunk_size,
@@ -380,7 +376,7 @@ def edit_many(
   """Edits many images, their seeds packed into batches that fill every device of `mesh`.
 
   The (job, seed) pairs are taken in order and run `batch_size` at a time through
-  `sharding.optimize_batch`: one compiled program for every batch (the last is padded), each element
+  `core.optimize_batch` (the engine): one compiled program for every batch (the last is padded), each element
   with its own image latent, prompts and key, the batch split over the devices along "data". Each
   job is prepared (image loaded, prompts encoded) when its first seed's batch is assembled, and
   yielded as soon as its last seed finishes, so callers can write results while the rest runs.
@@ -456,7 +452,7 @@ def edit_many(
     t1 = time.perf_counter()
     try:
       with step_progress(n, desc, progress) as on_chunk:
-        out = sharding.optimize_batch(
+        out = core.optimize_batch(
           unet_fn, params, inputs_B, keys_B, sharding.broadcast_batch(config.numeric(), len(items)),
           static=config.static(), schedule=model.configs.schedule, mesh=mesh, batch_size=batch_size,
           snapshot_every=snapshot_every, chunk_size=chunk_size, ids=ids, on_chunk=on_chunk,

@@ -3,7 +3,7 @@
 `sweep` edits one image with every combination of the grid's values (row-major over the grid's
 axes, in the order the dict gives them) and every seed. The grid's keys are `LUSDConfig` fields
 that `LUSDConfig.numeric()` passes traced (numbers and ablation switches), so the C x S edits are
-one batch of the `sharding.batch_steps` program: no recompilation across grid values, prompts or
+one batch of the engine's program (`engine.run_chunk`): no recompilation across grid values, prompts or
 images of the same size, only when the grid's shape, the seeds' count, `num_steps` or `gradient`
 change. Each cell is exactly the edit `lusd_jax.edit` makes with that config and seed.
 
@@ -255,7 +255,7 @@ def sweep(
   t1 = time.perf_counter()
   desc = f"LUSD sweep {c} config(s) x {s} seed(s)"
   with pipeline.step_progress(n, desc, enabled=progress) as on_chunk:
-    out = sharding.optimize_batch(
+    out = core.optimize_batch(
       core.FlaxUNet(model.configs.unet, model.unet_dtype),
       model.params.unet,
       inputs_B,

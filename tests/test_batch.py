@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lusd_jax import cli, io, loading, pipeline, sharding
+from lusd_jax import cli, engine, io, loading, pipeline
 from lusd_jax.lusd import core
 from lusd_jax.lusd.config import LUSDConfig
 
@@ -49,13 +49,13 @@ def jobs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def many(model, jobs):
   notes = []
-  programs = sharding.batch_steps._cache_size()
+  programs = engine.run_chunk._cache_size()
   # Batches of 3 pairs: (job 0, 0) (job 0, 1) (job 2, 5) | (job 2, 6) (job 3, 2) (job 3, 3): job 2
   # spans both batches.
   out = list(
     pipeline.edit_many(model, jobs, CONFIG, size=SIZE, batch_size=3, snapshot_every=2, announce=notes.append)
   )
-  return out, notes, sharding.batch_steps._cache_size() - programs
+  return out, notes, engine.run_chunk._cache_size() - programs
 
 
 def test_calls_with_other_images_and_prompts_share_one_program(many):
@@ -100,11 +100,11 @@ def test_nonfinite_batch_fails_its_jobs_and_the_rest_go_on(model, jobs):
   # lr 1e37 overflows z at step 0. Same shapes and static config: the batch program is reused.
   good, bad = jobs[0], jobs[3]
   diverging = CONFIG.replace(lr=1e37)
-  programs = sharding.batch_steps._cache_size()
+  programs = engine.run_chunk._cache_size()
   out = list(pipeline.edit_many(model, [good, bad], diverging, size=SIZE, batch_size=3, snapshot_every=2))
   # (job 0: 0, 1), (job 1: 2) in the first batch: both jobs fail; job 1's second seed never runs.
   assert [j for j, _ in out] == [0, 1]
-  assert sharding.batch_steps._cache_size() == programs  # lr is traced: no new program
+  assert engine.run_chunk._cache_size() == programs  # lr is traced: no new program
   for _, e in out:
     assert isinstance(e, core.NonFiniteError) and "step 0" in str(e)
 

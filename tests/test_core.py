@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lusd_jax import engine
 from lusd_jax import schedule as schedule_lib
 from lusd_jax.lusd import core
 from lusd_jax.lusd.config import LUSDConfig, stack_numeric
@@ -338,7 +339,7 @@ def test_nonfinite_values_stop_with_the_step_and_seed(params, inputs):
 def test_changing_prompts_edit_words_and_numbers_does_not_recompile(params):
   config = LUSDConfig(num_steps=N, lr=LR)
   run_compiled(params, make_inputs(0), config)
-  before = core.run_steps._cache_size()
+  before = engine.run_chunk._cache_size()
   variants = [
     (make_inputs(1), config),
     (make_inputs(2, index=[1, 3, 4]), config.replace(reg_scale=0.1, lr=0.5, t_min=100, t_max=800)),
@@ -347,7 +348,7 @@ def test_changing_prompts_edit_words_and_numbers_does_not_recompile(params):
   ]
   for inp, cfg in variants:
     run_compiled(params, inp, cfg)
-  assert core.run_steps._cache_size() == before
+  assert engine.run_chunk._cache_size() == before
 
 
 def test_vmapped_seeds_and_stacked_configs_equal_single_runs(params, inputs):

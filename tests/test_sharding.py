@@ -1,9 +1,9 @@
 """Batches of edits over a device mesh: sharded results equal single-device `core.optimize` runs.
 
 Four CPU devices need XLA_FLAGS before JAX starts, so the multi-device check runs in one subprocess
-on the tiny U-Net (8x8 latent, random params, 3 steps) and compiles two programs: `core.optimize`
-for 3 seeds (run for two configs) and the sharded batch program for 3 elements padded to 4 (run by
-`sharded_optimize` and by `optimize_batch` on a batch that mixes two configs).
+on the tiny U-Net (8x8 latent, random params, 3 steps). Both go through the engine's one driver and
+program: `core.optimize` for 3 seeds on one device (run for two configs), then on the mesh (3
+elements padded to 4), and `core.optimize_batch` on a batch that mixes two configs (same program).
 """
 
 import json
@@ -57,7 +57,7 @@ ref_b = core.optimize(UNET, params, inputs, keys, B, schedule=SCHEDULE)
 
 mesh = sharding.data_mesh()
 placed = []
-out_a = sharding.sharded_optimize(
+out_a = core.optimize(
   UNET, params, inputs, keys, A, schedule=SCHEDULE, mesh=mesh,
   on_chunk=lambda done, state, stats: placed.append(state.z),
 )
@@ -66,7 +66,7 @@ numeric_B = jax.tree.map(lambda a, b: jnp.stack([a, b, a]), A.numeric(), B.numer
 compiles = []
 count = lambda event, _secs, **_: compiles.append(event) if event.endswith(("compile_duration", "trace_duration")) else None
 jax.monitoring.register_event_duration_secs_listener(count)
-out_mix = sharding.optimize_batch(
+out_mix = core.optimize_batch(
   UNET, params, sharding.broadcast_batch(inputs, 3), keys, numeric_B, static=A.static(),
   schedule=SCHEDULE, mesh=mesh,
 )
@@ -118,7 +118,7 @@ def test_sharded_results_equal_single_device(four_devices):
   assert r["diff_mix"] < 1e-5 and r["t_equal_mix"]
   assert r["rejections_mix"] == r["rejections_ref"]
   assert sum(map(sum, r["rejections_mix"])) > 0 and r["a_vs_b"] > 1e-2  # the check can fail
-  assert r["compiles_mix"] == 0  # the mixed batch reuses sharded_optimize's program, untraced
+  assert r["compiles_mix"] == 0  # the mixed batch reuses the mesh program, untraced
 
 
 def test_batch_is_split_over_four_devices(four_devices):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from lusd_jax import io, loading, pipeline, sharding
+from lusd_jax import engine, io, loading, pipeline
 from lusd_jax.lusd.config import LUSDConfig
 from lusd_jax.sweeps import (
   SweepResult,
@@ -109,7 +109,7 @@ def _count_compiles():
 
 
 def test_second_sweep_with_other_prompts_and_values_does_not_compile(model, image, result):
-  before = sharding.batch_steps._cache_size()
+  before = engine.run_chunk._cache_size()
   events, listener = _count_compiles()
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
@@ -129,7 +129,7 @@ def test_second_sweep_with_other_prompts_and_values_does_not_compile(model, imag
     jax.monitoring.unregister_event_duration_listener(listener)
   assert compiled_in_sweep == []
   assert events  # (a trace at least, even where a persistent compilation cache holds the program)
-  assert sharding.batch_steps._cache_size() == before  # (other test files may have added programs)
+  assert engine.run_chunk._cache_size() == before  # (other test files may have added programs)
   assert other.images.shape == result.images.shape
   assert other.labels[1] == "spatial_reg=True, ds_high=0.2"
   assert not np.allclose(other.latents[0], result.latents[0])

@@ -1,11 +1,12 @@
 """LUSD's optimization on latents and text embeddings (paper Sec. 3-4, Algorithms 1-2).
 
 `config` holds the hyperparameters, `gradients` the score-distillation gradients (SBP, DDS, SDS),
-`mask` the attention mask (Alg. 2), `core` the compiled optimization (Alg. 1) and its host driver.
+`mask` the attention mask (Alg. 2), `core` the optimization (Alg. 1) as the engine's `LUSD` method.
 """
 
 from lusd_jax.lusd.config import GRADIENTS, LUSDConfig, LUSDNumeric, LUSDStatic, stack_numeric
 from lusd_jax.lusd.core import (
+  LUSD,
   EditInputs,
   EditOutput,
   EditState,
@@ -16,6 +17,7 @@ from lusd_jax.lusd.core import (
   edit_latents,
   init_state,
   optimize,
+  optimize_batch,
   run_steps,
 )
 from lusd_jax.lusd.mask import attention_mask, bicubic_resize
@@ -26,6 +28,7 @@ __all__ = [
   "EditOutput",
   "EditState",
   "FlaxUNet",
+  "LUSD",
   "LUSDConfig",
   "LUSDNumeric",
   "LUSDStatic",
@@ -37,6 +40,7 @@ __all__ = [
   "edit_latents",
   "init_state",
   "optimize",
+  "optimize_batch",
   "run_steps",
   "stack_numeric",
 ]

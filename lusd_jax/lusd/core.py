@@ -33,13 +33,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lusd_jax import engine, sharding
 from lusd_jax import schedule as schedule_lib
 from lusd_jax.compiler import jit
 from lusd_jax.lusd import gradients
@@ -297,34 +298,82 @@ def _seed_step(
   return new_state, stats
 
 
+def _init_one(inputs: EditInputs, key: jax.Array, numeric: LUSDNumeric) -> EditState:
+  """The carry of one element before step 0: z = z_src, no mask yet."""
+  z = inputs.z_src.astype(jnp.float32)
+  ones = jnp.ones(z.shape[:2], jnp.float32)
+  return EditState(z, ones, jnp.bool_(False), ones, jnp.bool_(False), _optimizer(numeric).init(z), key)
+
+
+@dataclasses.dataclass(frozen=True)
+class LUSD:
+  """LUSD as an `engine.Method`: Algorithm 1 for one element, the engine vmaps and scans it.
+
+  Hashable (a jit static argument): equal U-Nets, configs and schedules share compiled programs.
+
+  Attributes:
+    unet_fn: `UNetFn`, e.g. `FlaxUNet(config)`.
+    static: `LUSDStatic` (num_steps, gradient family).
+    schedule: the checkpoint's `Schedule`.
+    noise_fn: optional replayable draw `noise_fn(key, step, attempt) -> (t, eps)`.
+  """
+
+  unet_fn: UNetFn
+  static: LUSDStatic
+  schedule: schedule_lib.Schedule
+  noise_fn: NoiseFn | None = None
+
+  watched: ClassVar[str] = "the gradient g or the latent z"
+
+  @property
+  def num_steps(self) -> int:
+    return self.static.num_steps
+
+  def init(self, inputs: EditInputs, key: jax.Array, numeric: LUSDNumeric) -> EditState:
+    return _init_one(inputs, key, numeric)
+
+  def step(self, params, inputs: EditInputs, numeric: LUSDNumeric, state: EditState, k: jax.Array):
+    return _seed_step(
+      state,
+      k,
+      unet_fn=self.unet_fn,
+      params=params,
+      inputs=inputs,
+      numeric=numeric,
+      static=self.static,
+      abar_T=schedule_lib.alphas_cumprod(self.schedule),
+      prediction_type=self.schedule.prediction_type,
+      noise_fn=self.noise_fn,
+    )
+
+  def snapshot(self, state: EditState) -> tuple[jax.Array, jax.Array]:
+    return state.z, state.mask_ema  # [h, w, c], M_k [h, w]
+
+  def finish(self, state: EditState) -> tuple[jax.Array, jax.Array]:
+    return state.z, state.mask_ema
+
+
 @jit
 def init_state(inputs: EditInputs, keys_S: jax.Array, numeric: LUSDNumeric) -> EditState:
-  """The carry before step 0, one per seed: z = z_src, no mask yet.
+  """The carry before step 0 of every seed of one edit: z = z_src, no mask yet.
 
   Args:
-    inputs: `EditInputs`.
+    inputs: `EditInputs` (shared by the seeds).
     keys_S: [S] PRNG keys, one per seed.
     numeric: `LUSDNumeric` (the learning rate sets up the optimizer state).
 
   Returns:
     `EditState` with a leading [S] axis.
   """
-  z = inputs.z_src.astype(jnp.float32)
-  ones = jnp.ones(z.shape[:2], jnp.float32)
-  opt_state = _optimizer(numeric).init(z)
-
-  def one(key):
-    return EditState(z, ones, jnp.bool_(False), ones, jnp.bool_(False), opt_state, key)
-
-  return jax.vmap(one)(keys_S)
+  return jax.vmap(lambda key: _init_one(inputs, key, numeric))(keys_S)
 
 
-@functools.partial(jit, static_argnames=("unet_fn", "static", "schedule", "num", "noise_fn"))
 def run_steps(unet_fn, params, inputs, state_S, k0, numeric, *, static, schedule, num, noise_fn=None):
-  """Runs steps k0, ..., k0 + num - 1 of Algorithm 1 for every seed (steps >= N are no-ops).
+  """Runs steps k0, ..., k0 + num - 1 of Algorithm 1 for every seed of one edit (steps >= N: no-ops).
 
-  Compiled once per (unet_fn, static, schedule, num, noise_fn, shapes): k0, prompts, edit mask,
-  keys and numerics are traced.
+  The engine's program (`engine.run_chunk`) on the seeds as elements of a batch that shares the
+  inputs and numerics: compiled once per (unet_fn, static, schedule, num, noise_fn, shapes); k0,
+  prompts, edit mask, keys and numerics are traced.
 
   Args:
     unet_fn: `UNetFn` (static, hashable), e.g. `FlaxUNet(config)`.
@@ -341,24 +390,13 @@ def run_steps(unet_fn, params, inputs, state_S, k0, numeric, *, static, schedule
   Returns:
     (state_S, StepStats with leaves [S, num]).
   """
-  abar_T = schedule_lib.alphas_cumprod(schedule)
-  step = functools.partial(
-    _seed_step,
-    unet_fn=unet_fn,
-    params=params,
-    inputs=inputs,
-    numeric=numeric,
-    static=static,
-    abar_T=abar_T,
-    prediction_type=schedule.prediction_type,
-    noise_fn=noise_fn,
-  )
-  ks = jnp.asarray(k0, jnp.int32) + jnp.arange(num, dtype=jnp.int32)
-  # vmap over seeds of a scan over steps: every seed gets its own while loop predicate.
-  return jax.vmap(lambda state: jax.lax.scan(step, state, ks))(state_S)
+  s = state_S.key.shape[0]
+  return engine.run_chunk(
+    LUSD(unet_fn, static, schedule, noise_fn), params, sharding.broadcast_batch(inputs, s), state_S, k0,
+    sharding.broadcast_batch(numeric, s), num=num,
+  )  # fmt: skip
 
 
-@functools.partial(jit, static_argnames=("unet_fn", "static", "schedule", "noise_fn"))
 def edit_latents(unet_fn, params, inputs, keys_S, numeric, *, static, schedule, noise_fn=None):
   """The whole optimization as one pure function (vmappable over a stacked `numeric` for sweeps).
 
@@ -377,23 +415,78 @@ def edit_latents(unet_fn, params, inputs, keys_S, numeric, *, static, schedule, 
   )  # fmt: skip
 
 
-class NonFiniteError(FloatingPointError):
-  """NaN or inf appeared in the gradient g or the latent z."""
+NonFiniteError = engine.NonFiniteError
 
 
 class EditOutput(NamedTuple):
-  """Host-side result of `optimize` (numpy; S seeds, N steps, K snapshots)."""
+  """Host-side result of `optimize` / `optimize_batch` (numpy; B elements, N steps, K snapshots)."""
 
-  z: np.ndarray  # [S, h, w, c] final latents
-  mask: np.ndarray  # [S, h, w] final moving-average mask M_N (ones without edit tokens)
-  t: np.ndarray  # [S, N] timestep used at each step
-  rejections: np.ndarray  # [S, N] rejected draws at each step
-  hit_max_attempts: np.ndarray  # [S, N] bool
-  grad_std: np.ndarray  # [S, N] std(g) of the used draw
-  zero_gradient: np.ndarray  # [S, N] bool, g was exactly zero (redraws ended at once)
+  z: np.ndarray  # [B, h, w, c] final latents
+  mask: np.ndarray  # [B, h, w] final moving-average mask M_N (ones without edit tokens)
+  t: np.ndarray  # [B, N] timestep used at each step
+  rejections: np.ndarray  # [B, N] rejected draws at each step
+  hit_max_attempts: np.ndarray  # [B, N] bool
+  grad_std: np.ndarray  # [B, N] std(g) of the used draw
+  zero_gradient: np.ndarray  # [B, N] bool, g was exactly zero (redraws ended at once)
   snapshot_steps: tuple[int, ...]  # [K] steps completed at each snapshot
-  z_snapshots: np.ndarray | None  # [S, K, h, w, c]
-  mask_snapshots: np.ndarray | None  # [S, K, h, w] M_k at each snapshot
+  z_snapshots: np.ndarray | None  # [B, K, h, w, c]
+  mask_snapshots: np.ndarray | None  # [B, K, h, w] M_k at each snapshot
+
+
+def optimize_batch(
+  unet_fn: UNetFn,
+  params: Any,
+  inputs_B: EditInputs,
+  keys_B: jax.Array,
+  numeric_B: LUSDNumeric,
+  *,
+  static: LUSDStatic,
+  schedule: schedule_lib.Schedule,
+  mesh=None,
+  batch_size: int | None = None,
+  noise_fn: NoiseFn | None = None,
+  snapshot_every: int | None = None,
+  chunk_size: int | None = None,
+  ids: Sequence[str] | None = None,
+  on_chunk: Callable[[int, EditState, StepStats], None] | None = None,
+) -> EditOutput:
+  """Runs B LUSD edits (seeds, sweep cells, images: each element its own inputs, key and numerics).
+
+  `engine.run` with the `LUSD` method; the arguments are `engine.run`'s, plus:
+
+  Args:
+    unet_fn: `UNetFn`, e.g. `FlaxUNet(config)`.
+    inputs_B: `EditInputs` with leaves [B, ...] (`sharding.broadcast_batch` one shared input).
+    numeric_B: `LUSDNumeric` with leaves [B] (`broadcast_batch(config.numeric(), B)`, or configs
+      repeated per seed for a sweep).
+    static: `LUSDStatic` shared by the batch.
+    schedule: the checkpoint's `Schedule`.
+    noise_fn: optional replayable draw `noise_fn(key, step, attempt) -> (t, eps)`.
+
+  Returns:
+    `EditOutput` with a leading [B] axis.
+
+  Raises:
+    NonFiniteError: naming the first step and element whose g or z holds NaN/inf.
+  """
+  out = engine.run(
+    LUSD(unet_fn, static, schedule, noise_fn), params, inputs_B, keys_B, numeric_B, mesh=mesh,
+    batch_size=batch_size, chunk_size=chunk_size, snapshot_every=snapshot_every, ids=ids, on_chunk=on_chunk,
+  )  # fmt: skip
+  z, mask = out.final
+  z_snaps, mask_snaps = out.snapshots if out.snapshots is not None else (None, None)
+  return EditOutput(
+    z=z,
+    mask=mask,
+    t=out.stats.t,
+    rejections=out.stats.rejections,
+    hit_max_attempts=out.stats.hit_max_attempts,
+    grad_std=out.stats.grad_std,
+    zero_gradient=out.stats.zero_gradient,
+    snapshot_steps=out.snapshot_steps,
+    z_snapshots=z_snaps,
+    mask_snapshots=mask_snaps,
+  )
 
 
 def optimize(
@@ -404,6 +497,7 @@ def optimize(
   config: LUSDConfig,
   *,
   schedule: schedule_lib.Schedule,
+  mesh=None,
   numeric: LUSDNumeric | None = None,
   noise_fn: NoiseFn | None = None,
   snapshot_every: int | None = None,
@@ -411,7 +505,9 @@ def optimize(
   seed_ids: Sequence[Any] | None = None,
   on_chunk: Callable[[int, EditState, StepStats], None] | None = None,
 ) -> EditOutput:
-  """Runs LUSD on latents, checking for NaN/inf after each chunk of steps.
+  """Runs LUSD on the latents of one edit, once per seed, checking for NaN/inf after each chunk.
+
+  The seeds are the elements of an `optimize_batch` that shares the inputs and the config.
 
   Args:
     unet_fn: `UNetFn`, e.g. `FlaxUNet(config)` (keep one object, or equal ones, to reuse programs).
@@ -420,6 +516,8 @@ def optimize(
     keys_S: [S] PRNG keys, one per seed.
     config: `LUSDConfig`.
     schedule: the checkpoint's `Schedule`.
+    mesh: optional `sharding.data_mesh()` to spread the seeds over devices (same program, same
+      results to float rounding).
     numeric: overrides `config.numeric()` (e.g. already on device).
     noise_fn: optional replayable draw `noise_fn(key, step, attempt) -> (t, eps)`.
     snapshot_every: keep z and M_k after every this many steps (and at the end).
@@ -430,55 +528,16 @@ def optimize(
       chunk_stats is the chunk's `StepStats` as numpy [S, chunk].
 
   Returns:
-    `EditOutput`.
+    `EditOutput` ([S] leading axis).
 
   Raises:
     NonFiniteError: naming the first step and seed whose g or z holds NaN/inf.
   """
-  static = config.static()
+  s = keys_S.shape[0]
   numeric = config.numeric() if numeric is None else numeric
-  n = static.num_steps
-  for name, value in (("snapshot_every", snapshot_every), ("chunk_size", chunk_size)):
-    if value is not None and (not isinstance(value, int) or value < 1):
-      raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-  chunk = min(snapshot_every or chunk_size or n, n)
-  seed_ids = list(range(keys_S.shape[0])) if seed_ids is None else list(seed_ids)
-
-  state = init_state(inputs, keys_S, numeric)
-  stats, snaps_z, snaps_m, snap_steps = [], [], [], []
-  for k0 in range(0, n, chunk):
-    state, chunk_stats = run_steps(
-      unet_fn, params, inputs, state, k0, numeric, static=static, schedule=schedule, num=chunk,
-      noise_fn=noise_fn,
-    )  # fmt: skip
-    chunk_stats = jax.tree.map(np.asarray, chunk_stats)
-    bad_SN = ~chunk_stats.finite
-    if bad_SN.any():
-      step = int(np.argmax(bad_SN.any(axis=0)))  # first bad step, then its first bad seed
-      seed = int(np.argmax(bad_SN[:, step]))
-      raise NonFiniteError(
-        f"non-finite values (NaN/inf) in the gradient g or the latent z at step {k0 + step} "
-        f"for seed {seed_ids[seed]}"
-      )
-    stats.append(chunk_stats)
-    done = min(k0 + chunk, n)
-    if snapshot_every:
-      snaps_z.append(np.asarray(state.z))
-      snaps_m.append(np.asarray(state.mask_ema))
-      snap_steps.append(done)
-    if on_chunk is not None:
-      on_chunk(done, state, chunk_stats)
-
-  stats = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1)[:, :n], *stats)
-  return EditOutput(
-    z=np.asarray(state.z),
-    mask=np.asarray(state.mask_ema),
-    t=stats.t,
-    rejections=stats.rejections,
-    hit_max_attempts=stats.hit_max_attempts,
-    grad_std=stats.grad_std,
-    zero_gradient=stats.zero_gradient,
-    snapshot_steps=tuple(snap_steps),
-    z_snapshots=np.stack(snaps_z, axis=1) if snapshot_every else None,
-    mask_snapshots=np.stack(snaps_m, axis=1) if snapshot_every else None,
-  )
+  seed_ids = list(range(s)) if seed_ids is None else list(seed_ids)
+  return optimize_batch(
+    unet_fn, params, sharding.broadcast_batch(inputs, s), keys_S, sharding.broadcast_batch(numeric, s),
+    static=config.static(), schedule=schedule, mesh=mesh, noise_fn=noise_fn, snapshot_every=snapshot_every,
+    chunk_size=chunk_size, ids=[f"seed {i}" for i in seed_ids], on_chunk=on_chunk,
+  )  # fmt: skip
