@@ -88,30 +88,3 @@ def get_example(name: str) -> Example:
   if key not in EXAMPLES:
     raise InputError(f"unknown example {name!r}; choose one of: {', '.join(sorted(EXAMPLES))}")
   return EXAMPLES[key]
-
-
-def inputs_from_args(args):
-  """(image [size, size, 3], source, target, edit_words) of `lusd-jax edit` / `sweep` arguments.
-
-  Either IMAGE with --target (--source and --edit-words optional) or --example NAME, whose prompts
-  --source / --target / --edit-words override.
-
-  Raises:
-    io.InputError: both or neither of IMAGE and --example, no --target, a bad --size or image.
-  """
-  from lusd_jax import io
-
-  io.validate_size(args.size)
-  if args.example is not None:
-    if args.image is not None:
-      raise io.InputError("give either IMAGE or --example, not both")
-    ex = get_example(args.example)
-    source = ex.source if args.source is None else args.source
-    target = ex.target if args.target is None else args.target
-    edit_words = ex.edit_words if args.edit_words is None else args.edit_words
-    return ex.image(args.size), source, target, edit_words
-  if args.image is None:
-    raise io.InputError("give an IMAGE (or --example cat)")
-  if args.target is None:
-    raise io.InputError("--target is required")
-  return io.load_image(args.image, args.size), args.source or "", args.target, args.edit_words

@@ -49,21 +49,6 @@ DTYPE_POLICIES = {
 }
 
 
-def dtype_help() -> str:
-  """The `--dtype` help: each policy name with its one-line meaning."""
-  return "params and activations: " + "; ".join(f"{k}: {v.help}" for k, v in DTYPE_POLICIES.items())
-
-
-def add_model_arguments(parser) -> None:
-  """Adds `--model` and `--dtype` (the arguments of `load_model`) to an argparse parser."""
-  parser.add_argument(
-    "--model",
-    default=DEFAULT_MODEL,
-    help="diffusers folder, converted folder, hub id, or tiny-random (default %(default)s)",
-  )
-  parser.add_argument("--dtype", default="float32", choices=list(DTYPE_POLICIES), help=dtype_help())
-
-
 # component -> (module, weight file stem, config file)
 _COMPONENTS = {
   "unet": (unet, "diffusion_pytorch_model", "config.json"),

@@ -58,33 +58,19 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def mesh_for(devices: int | None = None) -> Mesh | None:
-  """The data mesh the command line uses: the first `devices` of `jax.devices()` (default: all).
+  """The data mesh over the first `devices` of `jax.devices()` (default: all).
 
   Returns None (plain single-device programs) when that is one device.
 
   Raises:
-    io.InputError: `devices` is not between 1 and the number of devices.
+    ValueError: `devices` is not between 1 and the number of devices, e.g. "4 asked, 1 cpu
+      device(s) available" (the command line puts `--devices: ` in front).
   """
-  from lusd_jax.io import InputError
-
   available = jax.devices()
   n = len(available) if devices is None else devices
   if not 1 <= n <= len(available):
-    raise InputError(
-      f"--devices: {devices} asked, {len(available)} {available[0].platform} device(s) available"
-    )
+    raise ValueError(f"{devices} asked, {len(available)} {available[0].platform} device(s) available")
   return data_mesh(available[:n]) if n > 1 else None
-
-
-def add_devices_argument(parser) -> None:
-  """Adds `--devices N` (read by `mesh_for`) to an argparse parser."""
-  parser.add_argument(
-    "--devices",
-    type=int,
-    default=None,
-    metavar="N",
-    help="spread the edits over the first N devices (default: all of them)",
-  )
 
 
 def num_devices(mesh: Mesh | None) -> int:

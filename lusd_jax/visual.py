@@ -1,4 +1,4 @@
-"""Pictures for people: captioned side-by-side grids, progress strips and mask heatmaps.
+"""Pictures for people: captioned side-by-side grids, labelled parameter grids, progress strips, masks.
 
 All functions take and return float [H, W, 3] images in [0, 1] (NumPy or JAX arrays in) and are
 pure: nothing is written to disk here (`io.save_png` does that). Text uses PIL's bundled
@@ -7,6 +7,8 @@ default font, which exists on any machine with Pillow >= 10.1 (no system fonts n
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -252,3 +254,143 @@ def mask_overlay(image: Any, mask: Any, alpha: float = 0.5, normalize: bool = Fa
     m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
   m = _resize_map(np.clip(m, 0.0, 1.0), *rgb.shape[:2])
   return ((1.0 - alpha) * rgb + alpha * colormap(m)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Labelled parameter grids (the paper's tuning grids, Appendix 12)
+
+
+def grid_layout(
+  axes: Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int], seed_index: int | None = None
+):
+  """Where each (config, seed) goes in `labelled_grid`.
+
+  The configs are the product of the axes' values, row-major (the last axis varies fastest). One
+  axis: a single row, one column per value. Two or more: one row per value of the first axis, one
+  column per combination of the others (row-major). Seeds (all, or `seed_index`) are the innermost
+  columns.
+
+  Args:
+    axes: ((name, value labels), ...), e.g. (("reg_scale", ("0", "0.02")), ("threshold", ("0.01",))).
+    seeds: the seeds every config ran with [S].
+    seed_index: show only `seeds[seed_index]` (default: every seed).
+
+  Returns:
+    (row_labels [R] (None for one row), col_labels [K], cells [R][K] of (config, seed) indices).
+  """
+  names = [name for name, _ in axes]
+  seed_ids = range(len(seeds)) if seed_index is None else [seed_index]
+  show_seed = seed_index is None and len(seeds) > 1
+  sizes = tuple(len(values) for _, values in axes)
+  row_axes, col_axes = ([], [0]) if len(sizes) == 1 else ([0], list(range(1, len(sizes))))
+
+  def label(axis_ids, combo):
+    return ", ".join(f"{names[a]}={axes[a][1][v]}" for a, v in zip(axis_ids, combo, strict=True))
+
+  row_combos = list(itertools.product(*(range(sizes[a]) for a in row_axes)))
+  col_combos = list(itertools.product(*(range(sizes[a]) for a in col_axes)))
+  row_labels = [label(row_axes, r) for r in row_combos] if row_axes else None
+  col_labels, cells = [], []
+  for cc in col_combos:
+    for si in seed_ids:
+      col_labels.append(", ".join([label(col_axes, cc)] + ([f"seed {seeds[si]}"] if show_seed else [])))
+  for rc in row_combos:
+    row = []
+    for cc in col_combos:
+      index = [0] * len(sizes)
+      for a, v in zip(row_axes + col_axes, rc + cc, strict=True):
+        index[a] = v
+      config = int(np.ravel_multi_index(index, sizes))
+      row.extend((config, si) for si in seed_ids)
+    cells.append(row)
+  return row_labels, col_labels, cells
+
+
+def labelled_grid(
+  images_CS: Any,
+  input_image: Any,
+  axes: Sequence[tuple[str, Sequence[str]]],
+  seeds: Sequence[int],
+  title: str,
+  seed_index: int | None = None,
+  *,
+  include_input: bool = True,
+  gap: int = 8,
+  min_cell: int = 160,
+) -> np.ndarray:
+  """Configs x seeds as a labelled grid, like the paper's tuning grids (Appendix 12).
+
+  Rows: values of the first axis ("reg_scale=0.02"); columns: values of the other axes
+  ("threshold=0.01" and, for more axes, one line per axis), with each seed as its own column
+  ("seed 1") unless `seed_index` picks one. A one-axis grid is a single row. The input image heads
+  the first row.
+
+  Args:
+    images_CS: [C, S, H, W, 3] in [0, 1]; config c is row-major over `axes` (`grid_layout`).
+    input_image: [H, W, 3] in [0, 1].
+    axes: ((name, value labels), ...), as `grid_layout`.
+    seeds: [S] the seeds, for the column labels.
+    title: the line above the grid.
+    seed_index: show only `seeds[seed_index]` (default: every seed).
+    include_input: prepend an "input" column (image in the first row only).
+    gap: white margin in pixels.
+    min_cell: images narrower than this are enlarged (nearest neighbour, integer factor) so that
+      the labels fit.
+
+  Returns:
+    float32 [H', W', 3] in [0, 1].
+  """
+  row_labels, col_labels, cells = grid_layout(axes, seeds, seed_index)
+  scale = max(1, math.ceil(min_cell / np.shape(images_CS)[3]))
+
+  def tile(x):
+    x = _as_rgb8(x)
+    return np.repeat(np.repeat(x, scale, axis=0), scale, axis=1)
+
+  tiles = [[tile(images_CS[c, s]) for c, s in row] for row in cells]
+  if include_input:
+    col_labels = ["input"] + col_labels
+    blank = np.full_like(tiles[0][0], 255)
+    x = tile(input_image)
+    tiles = [[x if r == 0 else blank] + row for r, row in enumerate(tiles)]
+  h, w = tiles[0][0].shape[:2]
+  font_size = max(11, round(w / 26))
+  font, title_font = _font(font_size), _font(round(font_size * 1.2))
+  line_h = _line_height(font)
+  # One line (or two, wrapped) per "name=value" part of a column label.
+  col_text = [
+    [line for part in t.split(", ") for line in wrap_text(part, font, w - 4, 2)] for t in col_labels
+  ]
+  header_h = max(len(lines) for lines in col_text) * line_h + gap // 2
+  label_w, row_text = 0, None
+  if row_labels is not None:
+    label_w = min(w, max(int(font.getlength(t)) for t in row_labels) + 4)
+    row_text = [wrap_text(t, font, label_w, max(1, h // line_h)) for t in row_labels]
+  title_h = _line_height(title_font) + gap // 2
+  x0 = gap + (label_w + gap if label_w else 0)
+  y0 = gap + title_h + header_h
+  n_rows, n_cols = len(tiles), len(tiles[0])
+  total_w = x0 + n_cols * (w + gap)
+  total_h = y0 + n_rows * (h + gap)
+
+  canvas = Image.new("RGB", (total_w, total_h), BACKGROUND)
+  draw = ImageDraw.Draw(canvas)
+  text = _fit(title, title_font, total_w - 2 * gap)
+  draw.text(((total_w - title_font.getlength(text)) / 2, gap), text, font=title_font, fill=TEXT_COLOR)
+  for k, lines in enumerate(col_text):
+    x = x0 + k * (w + gap)
+    y = y0 - gap // 2 - len(lines) * line_h
+    for line in lines:
+      draw.text((x + (w - font.getlength(line)) / 2, y), line, font=font, fill=TEXT_COLOR)
+      y += line_h
+  for r, row in enumerate(tiles):
+    y = y0 + r * (h + gap)
+    if row_text is not None:
+      lines = row_text[r]
+      ty = y + (h - len(lines) * line_h) / 2
+      for line in lines:
+        draw.text((gap + label_w - font.getlength(line), ty), line, font=font, fill=TEXT_COLOR)
+        ty += line_h
+    for k, t in enumerate(row):
+      canvas.paste(Image.fromarray(t), (x0 + k * (w + gap), y))
+  return np.asarray(canvas, dtype=np.float32) / 255.0

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from lusd_jax import cli, io, loading, pipeline
+from lusd_jax.cli import add_sweep_arguments, sweep_command
 from lusd_jax.lusd import config as config_lib
 from lusd_jax.lusd.config import LUSDConfig
-from lusd_jax.sweeps import add_sweep_arguments, sweep_command
 
 
 @pytest.fixture
@@ -89,6 +89,7 @@ def test_edit_rejects_bad_input_before_loading(extra, words, tmp_path, capsys, n
     (["--source", "a cat", "--target", "a  CAT"], ["nothing to edit"]),
     (["--set", "t_max=5000"], ["--t-max", "1000"]),
     (["--out", "{file}"], ["--out", "is a file"]),
+    (["--devices", "0"], ["--devices: 0 asked"]),
   ],
 )
 def test_sweep_rejects_bad_input_before_loading(extra, words, tmp_path, capsys, no_load):

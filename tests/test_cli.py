@@ -147,6 +147,7 @@ def test_batch_reports_bad_rows_goes_on_and_resumes(capsys, tmp_path):
     (["batch", "--input-dir", "{tmp}/no_dir", "--output-dir", "{tmp}/o"], "no_dir"),
     (["edit", "--example", "cat", "--num-steps", "abc"], "--num-steps"),
     (["edit", "--example", "cat", "--devices", "64"], "--devices: 64 asked"),
+    (["sweep", "--example", "cat", "--grid", "lr=1", "--method", "sdedit"], "--method"),
   ],
 )
 def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, argv, message):

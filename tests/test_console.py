@@ -41,6 +41,29 @@ def test_warnings_are_one_line_without_paths(capsys):
   assert err == "warning: first line second line\n"
 
 
+@pytest.mark.parametrize(
+  "error, code, line",
+  [
+    (io.InputError("--seeds: seed -1 is outside [0, 2**32)"), 2, "error: --seeds: seed -1"),
+    (loading.ModelLoadError("no model at x"), 2, "error: no model at x"),
+    (FloatingPointError("non-finite latents at step 3"), 1, "error: non-finite latents at step 3 (try"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+  ],
+)
+def test_one_error_handler_for_every_command(error, code, line, capsys, monkeypatch):
+  def command(args):
+    raise error
+
+  monkeypatch.delenv("LUSD_JAX_DEBUG", raising=False)
+  assert cli.run_command(command, None) == code
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(line), lines
+  if code != 130:  # LUSD_JAX_DEBUG=1: the traceback instead of the line
+    monkeypatch.setenv("LUSD_JAX_DEBUG", "1")
+    with pytest.raises(type(error)):
+      cli.run_command(command, None)
+
+
 def test_json_records_put_plain_arrays_on_one_line():
   record = {"rejections_per_step": [[0, 1, 2], [3, 4, 5]], "seeds": [0, 1], "note": "tokens [5, 6]"}
   text = io.json_text(record)

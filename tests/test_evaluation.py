@@ -296,7 +296,7 @@ def test_run_eval_end_to_end(bench, tiny_clip, tmp_path):
 
 
 def test_eval_command(bench, tiny_clip, tmp_path, capsys):
-  parser = ev.add_eval_arguments(argparse.ArgumentParser())
+  parser = cli.add_eval_arguments(argparse.ArgumentParser())
   out = tmp_path / "cmd"
   args = parser.parse_args(
     [
@@ -312,7 +312,7 @@ def test_eval_command(bench, tiny_clip, tmp_path, capsys):
     + ["--out", str(out), "--seed", "0", "--names", "Nothing", "Edited"]
   )
   assert args.results == [bench["nothing"], bench["edited"]] and args.seed == 0
-  assert ev.eval_command(args) == 0
+  assert cli.eval_command(args) == 0
   printed = capsys.readouterr().out
   assert "| Nothing | all | 5 | 0 |" in printed and "| Edited | add | 3 | 2 |" in printed
   assert sorted(os.listdir(out)) == sorted(
@@ -321,7 +321,7 @@ def test_eval_command(bench, tiny_clip, tmp_path, capsys):
   bad = parser.parse_args(
     ["--results", bench["edited"], "--dataset", str(tmp_path / "none"), "--clip", "tiny-random"]
   )
-  assert ev.eval_command(bad) == 2
+  assert cli.eval_command(bad) == 2
   assert "--dataset: folder" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     parser.parse_args(["--results", "x", "--dataset", "y", "--seed", "first"])

@@ -202,8 +202,10 @@ def test_unknown_policy_lists_the_choices():
 def test_dtype_argument_lists_every_policy(capsys):
   import argparse
 
+  from lusd_jax import cli
+
   parser = argparse.ArgumentParser()
-  loading.add_model_arguments(parser)
+  cli.add_model_arguments(parser)
   assert parser.parse_args(["--dtype", "mixed-bfloat16"]).dtype == "mixed-bfloat16"
   with pytest.raises(SystemExit):
     parser.parse_args(["--dtype", "mixed-float32"])

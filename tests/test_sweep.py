@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 
 from lusd_jax import engine, io, loading, pipeline
+from lusd_jax.cli import add_sweep_arguments, sweep_command
 from lusd_jax.lusd.config import LUSDConfig
 from lusd_jax.sweeps import (
   SweepResult,
-  add_sweep_arguments,
   check_grid,
   grid_configs,
   grid_layout,
   sweep,
-  sweep_command,
   sweep_grid_image,
 )
 

@@ -147,3 +147,28 @@ def test_mask_overlay_errors():
     visual.mask_overlay(np.zeros((8, 8, 3)), np.zeros((2, 4, 4)))
   with pytest.raises(ValueError, match="alpha"):
     visual.mask_overlay(np.zeros((8, 8, 3)), np.zeros((4, 4)), alpha=2.0)
+
+
+def test_labelled_grid_of_plain_arrays():
+  # 2 x 3 configs (row-major: the last axis varies fastest) x 2 seeds, each image a distinct gray.
+  c, s, size, gap = 6, 2, 16, 8
+  levels = np.arange(c * s, dtype=np.float32).reshape(c, s) / (c * s)
+  images = np.broadcast_to(levels[:, :, None, None, None], (c, s, size, size, 3))
+  axes = (("a", ("1", "2")), ("b", ("x", "y", "z")))
+  rows, cols, cells = visual.grid_layout(axes, (7, 9))
+  assert rows == ["a=1", "a=2"] and cols[:2] == ["b=x, seed 7", "b=x, seed 9"] and len(cols) == 6
+  assert cells[1][2:4] == [(4, 0), (4, 1)]
+  g = visual.labelled_grid(
+    images, np.zeros((size, size, 3)), axes, (7, 9), "t", include_input=False, min_cell=16
+  )
+  h, w = g.shape[:2]
+  # Bottom-right tile: the last config's last seed; the one left of it, the same config's first seed.
+  np.testing.assert_allclose(
+    g[h - gap - size : h - gap, w - gap - size : w - gap], images[5, 1], atol=1 / 255
+  )
+  left = w - 2 * (gap + size)
+  np.testing.assert_allclose(g[h - gap - size : h - gap, left : left + size], images[5, 0], atol=1 / 255)
+  one_seed = visual.labelled_grid(images, np.zeros((size, size, 3)), axes, (7, 9), "t", seed_index=1)
+  assert (
+    one_seed.shape[1] < visual.labelled_grid(images, np.zeros((size, size, 3)), axes, (7, 9), "t").shape[1]
+  )

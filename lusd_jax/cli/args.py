@@ -1,0 +1,293 @@
+"""The command line's argument groups, each defined once, and what they mean.
+
+A group is an `add_*` function over an argparse parser; its reader (`seeds_from_args`,
+`config_from_args`, `inputs_from_args`, `mesh_from_args`, `load_model`) turns the parsed values into
+library arguments and raises `io.InputError` naming the flag. `flag_name` / `config_from_flags` are
+the one table between `LUSDConfig` fields (and API argument names) and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+
+from lusd_jax import examples, io, loading, pipeline, sharding
+from lusd_jax.lusd.config import ConfigError, LUSDConfig
+
+EXIT_USAGE = 2
+
+# The editing methods `--method` accepts. One tuple until the method registry (issue 14) replaces it.
+METHODS = ("lusd",)
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line and exit code 2, like every other usage error
+    self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+# ----------------------------------------------------------------------------- flag <-> field
+
+# Arguments of the Python API whose flag is not "--" + the name with dashes.
+_FLAGS = {
+  "seeds": "--seeds",
+  "source_prompt": "--source",
+  "target_prompt": "--target",
+}
+
+
+def flag_name(name: str) -> str:
+  """The command-line flag of an API argument or `LUSDConfig` field: "t_max" -> "--t-max"."""
+  return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def config_from_flags(base: LUSDConfig, overrides: dict) -> LUSDConfig:
+  """`base.replace(**overrides)`; an out-of-range value is an `InputError` naming its flag."""
+  try:
+    return base.replace(**overrides)  # validates (LUSDConfig.__post_init__)
+  except ConfigError as e:
+    fields = "|".join(f.name for f in dataclasses.fields(LUSDConfig))
+    problem = re.sub(rf"\b({fields})\b", lambda m: flag_name(m.group()), e.problem)
+    raise io.InputError(f"{flag_name(e.field)} {problem}") from None
+
+
+def check_timesteps(config: LUSDConfig, schedule) -> None:
+  """`config.check_timesteps` against the model's schedule; an `InputError` naming the flag."""
+  try:
+    config.check_timesteps(schedule.num_train_timesteps)
+  except ConfigError as e:
+    raise io.InputError(f"{flag_name(e.field)} {e.problem}") from None
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds `--model` and `--dtype` (the arguments of `loading.load_model`)."""
+  parser.add_argument(
+    "--model",
+    default=loading.DEFAULT_MODEL,
+    help="diffusers folder, converted folder, hub id, or tiny-random (default %(default)s)",
+  )
+  dtypes = "; ".join(f"{k}: {v.help}" for k, v in loading.DTYPE_POLICIES.items())
+  parser.add_argument(
+    "--dtype",
+    default="float32",
+    choices=list(loading.DTYPE_POLICIES),
+    help=f"params and activations: {dtypes}",
+  )
+
+
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+  """Adds `--method` (one of `METHODS`)."""
+  parser.add_argument(
+    "--method", default=METHODS[0], choices=METHODS, help="editing method (default %(default)s)"
+  )
+
+
+def add_preset_argument(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+  """Adds `--preset paper|official` (the base `LUSDConfig`)."""
+  parser.add_argument(
+    "--preset",
+    default="paper",
+    choices=["paper", "official"],
+    help=(
+      help_text
+      or "paper: as the paper's text; official: as the public PyTorch code, bug-compatible "
+      "(README, 'The algorithm and its two presets')"
+    )
+    + " (default %(default)s)",
+  )
+
+
+def add_size_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+    "--size",
+    type=int,
+    default=512,
+    help="image side after center crop, a multiple of 64 (default %(default)s)",
+  )
+
+
+def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds `--seeds`, `--init-seed`, `--num-seed` (read by `seeds_from_args`)."""
+  parser.add_argument(
+    "--seeds",
+    type=int,
+    nargs="+",
+    default=None,
+    help="seeds to run (default: --init-seed .. --init-seed + --num-seed - 1)",
+  )
+  parser.add_argument(
+    "--init-seed", type=int, default=0, help="first seed when --seeds is not given (default %(default)s)"
+  )
+  parser.add_argument(
+    "--num-seed", type=int, default=1, help="number of seeds when --seeds is not given (default %(default)s)"
+  )
+
+
+def add_devices_argument(parser: argparse.ArgumentParser) -> None:
+  """Adds `--devices N` (read by `mesh_from_args`)."""
+  parser.add_argument(
+    "--devices",
+    type=int,
+    default=None,
+    metavar="N",
+    help="spread the edits over the first N devices (default: all of them)",
+  )
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds IMAGE, `--example`, `--source`, `--target`, `--edit-words` (read by `inputs_from_args`)."""
+  parser.add_argument("image", nargs="?", help="input image (any format PIL reads)")
+  parser.add_argument("--example", default=None, help="use a bundled example instead of IMAGE: cat, coffee")
+  parser.add_argument("--source", default=None, help="source prompt (describes the input; may be empty)")
+  parser.add_argument("--target", default=None, help="target prompt (describes the edit)")
+  parser.add_argument(
+    "--edit-words", default=None, help='words of the target prompt to localize the edit on, e.g. "party hat"'
+  )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds one flag per `LUSDConfig` field (`flag_name`), read by `config_from_args`."""
+  g = parser.add_argument_group("LUSD hyperparameters (default: the paper's values; see --preset)")
+  for f in dataclasses.fields(LUSDConfig):
+    kind = type(f.default)
+    help_text = f.metadata.get("help", "") if f.metadata else ""
+    if kind is bool:
+      g.add_argument(
+        flag_name(f.name),
+        dest=f"cfg_{f.name}",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help=help_text,
+      )
+    elif kind in (int, float, str):
+      g.add_argument(
+        flag_name(f.name),
+        dest=f"cfg_{f.name}",
+        default=None,
+        type=kind,
+        metavar=kind.__name__.upper(),
+        help=f"{help_text} (default {f.default})".strip(),
+      )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+  """The groups of `edit` and `batch`: model, method, preset, size, seeds, snapshots, devices, config."""
+  add_model_arguments(parser)
+  add_method_argument(parser)
+  add_preset_argument(parser)
+  add_size_argument(parser)
+  add_seed_arguments(parser)
+  parser.add_argument(
+    "--save-step",
+    type=int,
+    default=0,
+    help="save progress snapshots every N steps (0: off; default %(default)s)",
+  )
+  add_devices_argument(parser)
+  add_quiet_argument(parser)
+  add_config_arguments(parser)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def base_config(args: argparse.Namespace) -> LUSDConfig:
+  """The `--preset`'s config."""
+  return LUSDConfig.official() if args.preset == "official" else LUSDConfig()
+
+
+def seeds_from_args(args: argparse.Namespace) -> tuple[int, ...]:
+  """`--seeds`, or `--init-seed` .. `--init-seed + --num-seed - 1`, checked (`io.check_seeds`)."""
+  if args.seeds is not None:
+    return io.check_seeds(args.seeds, "--seeds")
+  if args.num_seed < 1:
+    raise io.InputError(f"--num-seed must be >= 1, got {args.num_seed}")
+  io.check_seeds([args.init_seed], "--init-seed")
+  return io.check_seeds(range(args.init_seed, args.init_seed + args.num_seed), "--init-seed/--num-seed")
+
+
+def config_from_args(args: argparse.Namespace) -> LUSDConfig:
+  """The `--preset`'s config with every given hyperparameter flag applied, and `--save-step` checked."""
+  overrides = {
+    f.name: getattr(args, f"cfg_{f.name}")
+    for f in dataclasses.fields(LUSDConfig)
+    if getattr(args, f"cfg_{f.name}", None) is not None
+  }
+  config = config_from_flags(base_config(args), overrides)
+  if getattr(args, "save_step", 0) < 0:
+    raise io.InputError(f"--save-step must be >= 0 (0: no snapshots), got {args.save_step}")
+  return config
+
+
+def inputs_from_args(args: argparse.Namespace):
+  """(image [size, size, 3], source, target, edit_words) of `lusd-jax edit` / `sweep` arguments.
+
+  Either IMAGE with --target (--source and --edit-words optional) or --example NAME, whose prompts
+  --source / --target / --edit-words override.
+
+  Raises:
+    io.InputError: both or neither of IMAGE and --example, no --target, a bad --size or image.
+  """
+  io.validate_size(args.size)
+  if args.example is not None:
+    if args.image is not None:
+      raise io.InputError("give either IMAGE or --example, not both")
+    ex = examples.get_example(args.example)
+    source = ex.source if args.source is None else args.source
+    target = ex.target if args.target is None else args.target
+    edit_words = ex.edit_words if args.edit_words is None else args.edit_words
+    return ex.image(args.size), source, target, edit_words
+  if args.image is None:
+    raise io.InputError("give an IMAGE (or --example cat)")
+  if args.target is None:
+    raise io.InputError("--target is required")
+  return io.load_image(args.image, args.size), args.source or "", args.target, args.edit_words
+
+
+def mesh_from_args(args: argparse.Namespace):
+  """`sharding.mesh_for(--devices)`; its ValueError becomes an `InputError` naming `--devices`."""
+  try:
+    return sharding.mesh_for(args.devices)
+  except ValueError as e:
+    raise io.InputError(f"--devices: {e}") from None
+
+
+def check_before_load(args, configs, seeds, source, target, edit_words, out_flag: str = "--out"):
+  """Every check of `edit`/`sweep` that needs no weights: output folder, devices, prompts, t range.
+
+  Reads only the model's tokenizer and scheduler config (`loading.load_model_head`).
+
+  Returns:
+    The device mesh (`mesh_from_args`).
+
+  Raises:
+    io.InputError, loading.ModelLoadError: one line naming the flag.
+  """
+  io.check_output_dir(args.out, out_flag)
+  mesh = mesh_from_args(args)
+  head = loading.load_model_head(args.model)
+  for config in configs[1:]:
+    check_timesteps(config, head.schedule)
+  pipeline.check_edit(
+    head.tokenizer, head.schedule, source, target, seeds, configs[0], edit_words,
+    size=args.size, names=flag_name, announce=print,
+  )  # fmt: skip
+  return mesh
+
+
+def load_model(args: argparse.Namespace) -> loading.SDModel:
+  """`loading.load_model(--model, --dtype)`, saying once that tiny-random's pictures are meaningless."""
+  if args.model == loading.TINY_RANDOM:
+    print(
+      "note: --model tiny-random has random weights: the pipeline runs end to end, but the pictures are meaningless.",
+      file=sys.stderr,
+    )
+  return loading.load_model(args.model, dtype=args.dtype)

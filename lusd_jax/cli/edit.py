@@ -1,0 +1,267 @@
+"""`lusd-jax edit` (one image) and `lusd-jax batch` (every row of an index.csv), and their files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from lusd_jax import io, loading, pipeline, sharding, visual
+from lusd_jax.cli import args as args_lib
+
+
+def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the `lusd-jax edit` arguments to `parser` (a subcommand parser)."""
+  parser.description = "Edit one image: lusd-jax edit IMAGE --source ... --target ..."
+  args_lib.add_image_arguments(parser)
+  parser.add_argument("--out", default="outputs", help="output folder (default %(default)s)")
+  args_lib.add_run_arguments(parser)
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the `lusd-jax batch` arguments to `parser` (a subcommand parser)."""
+  parser.description = "Edit every row of DIR/index.csv (img_path,source_prompt,target_prompt[,edit_words])."
+  parser.add_argument("--input-dir", required=True, help="folder with index.csv and images/ (required)")
+  parser.add_argument(
+    "--output-dir",
+    required=True,
+    help="folder for {row:03d}_seed{seed}.png, grids and run records (required)",
+  )
+  args_lib.add_run_arguments(parser)
+
+
+# ----------------------------------------------------------------------------- edit
+
+
+def _edit_grid(input_image, images, seeds, mask, title: str, random_weights: bool):
+  """The picture of one edit: input | one edit per seed | the first seed's mask, captioned."""
+
+  tiles = [input_image, *images]
+  captions = ["input"] + [f"seed {s}" for s in seeds]
+  if mask is not None:
+    tiles.append(visual.mask_overlay(input_image, mask))
+    captions.append(f"edit mask (seed {seeds[0]})")
+  if random_weights:
+    title += " (random weights)"
+  return visual.grid(tiles, captions, title=title)
+
+
+def _save_result(result, model, args, out_dir, name_fn, title_prefix=""):
+  """Writes one edit's images, grid, snapshot strips and run record."""
+  seeds = result.seeds
+  os.makedirs(out_dir, exist_ok=True)
+  for i, s in enumerate(seeds):
+    io.save_png(os.path.join(out_dir, name_fn(s)), result.images[i], result.config.output_rounding)
+  base = name_fn(None)
+  mask = None if result.mask is None else np.asarray(result.mask[0])
+  title = f'{title_prefix}"{result.source_prompt}" -> "{result.target_prompt}"'
+  grid = _edit_grid(result.input_image, list(result.images), seeds, mask, title, model.is_random)
+  io.save_png(os.path.join(out_dir, f"{base}grid.png"), grid)
+  if result.snapshots is not None:
+    for i, s in enumerate(seeds):
+      strip = visual.snapshot_strip(
+        result.input_image, list(result.snapshots[i]), list(result.snapshot_steps)
+      )
+      io.save_png(os.path.join(out_dir, f"{base}snapshots_seed{s}.png"), strip)
+  io.write_json_atomic(
+    os.path.join(out_dir, f"{base}run.json"), pipeline.run_record(result, model, args.model)
+  )
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+  """`lusd-jax edit`: every check before the weights load, the edit, then its files (`_save_result`)."""
+  seeds = args_lib.seeds_from_args(args)
+  config = args_lib.config_from_args(args)
+  image, source, target, edit_words = args_lib.inputs_from_args(args)
+  mesh = args_lib.check_before_load(args, [config], seeds, source, target, edit_words)
+  model = args_lib.load_model(args)
+  t0 = time.time()
+  result = pipeline.edit(
+    model,
+    image,
+    source,
+    target,
+    seeds=seeds,
+    config=config,
+    edit_words=edit_words,
+    snapshot_every=args.save_step or None,
+    size=args.size,
+    progress=not args.quiet,
+    announce=lambda _note: None,  # check_before_load printed the notes
+    mesh=mesh,
+  )
+  _save_result(result, model, args, args.out, lambda s: "" if s is None else f"edit_seed{s}.png")
+  print(f"wrote {args.out}/grid.png and {len(seeds)} edited image(s) in {time.time() - t0:.1f} s")
+  return 0
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+  """Edits every unfinished (row, seed) of index.csv; on several devices, several rows run at once.
+
+  Resume is per seed and per row (see the comment above `io.PER_SEED_KEYS`): each seed's image is
+  followed by its record `{row:03d}_seed{s}.json`; a rerun keeps the seeds that have both, computes
+  the others, and then rebuilds the row's grid and run.json from every requested seed, reading the
+  finished ones back. Rows already complete are skipped, and when no seed is left to compute the
+  model is not loaded.
+  """
+
+  rows = io.read_index(args.input_dir)
+  seeds = args_lib.seeds_from_args(args)
+  config = args_lib.config_from_args(args)
+  io.validate_size(args.size)
+  out_dir = io.check_output_dir(args.output_dir, flag="--output-dir")
+  mesh = args_lib.mesh_from_args(args)
+  snapshots = bool(args.save_step)
+  stale = io.remove_stale_temp_files(out_dir)
+  if stale:
+    print(f"batch: removed {len(stale)} temporary file(s) left by an interrupted run", file=sys.stderr)
+  failures: list[tuple[int, str]] = []
+  jobs, job_rows, kept = [], [], []  # kept[j]: the finished seeds' records of job j's row
+  rebuild = []  # (row, records): every seed finished, the row's grid or run.json missing
+  skipped = 0
+  for row in rows:
+    if io.row_is_done(out_dir, row.row, seeds, snapshots):
+      skipped += 1
+      continue
+    if row.problem:
+      failures.append((row.row, f"index.csv row {row.row}: {row.problem}"))
+      print(f"[row {row.row}] failed: {failures[-1][1]}", file=sys.stderr)
+      continue
+    finished = io.finished_seed_records(out_dir, row.row, seeds, snapshots)
+    todo = [s for s in seeds if s not in finished]
+    if not todo:
+      rebuild.append((row, finished))
+      continue
+    label = (
+      f"[row {row.row}] {os.path.basename(row.img_path)}: {row.source_prompt!r} -> {row.target_prompt!r}"
+    )
+    jobs.append(
+      pipeline.EditJob(row.img_path, row.source_prompt, row.target_prompt, tuple(todo), row.edit_words, label)
+    )
+    job_rows.append(row.row)
+    kept.append(finished)
+  if jobs:  # the rows' prompts, edit words and images, checked before the weights load
+    jobs, job_rows, kept = _check_batch_jobs(args, config, seeds, jobs, job_rows, kept, failures)
+  done = 0
+  for row, finished in rebuild:  # no compute: the input image is all that is read
+    print(f"[row {row.row}] every seed is finished: writing the row's grid and run.json")
+    try:
+      image = io.load_image(row.img_path, args.size)
+    except io.InputError as e:
+      failures.append((row.row, str(e)))
+      print(f"[row {row.row}] failed: {e}", file=sys.stderr)
+      continue
+    _save_batch_row(out_dir, row.row, seeds, image, {}, finished)
+    done += 1
+  if jobs:
+    model = args_lib.load_model(args)
+    devices = sharding.num_devices(mesh)
+    if devices > 1:
+      print(f"batch: {sum(len(j.seeds) for j in jobs)} edits over {devices} devices")
+    results = pipeline.edit_many(
+      model,
+      jobs,
+      config,
+      size=args.size,
+      mesh=mesh,
+      snapshot_every=args.save_step or None,
+      progress=not args.quiet,
+      announce=print,
+    )
+    for j, result in results:
+      r = job_rows[j]
+      if isinstance(result, Exception):
+        failures.append((r, str(result)))
+        print(f"[row {r}] failed: {result}", file=sys.stderr)
+        continue
+      new = _save_batch_seeds(result, model, args, out_dir, r)
+      images = {s: result.images[i] for i, s in enumerate(result.seeds)}
+      _save_batch_row(out_dir, r, seeds, result.input_image, images, {**kept[j], **new})
+      done += 1
+  failures.sort()
+  print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {len(rows)} rows)")
+  if failures:
+    print(io.summarize_failures(failures))
+  return 1 if failures else 0
+
+
+def _check_batch_jobs(args, config, seeds, jobs, job_rows, kept, failures):
+  """Drops (and reports as failed) the jobs whose inputs fail the checks that need no weights.
+
+  Raises:
+    io.InputError: the t range does not fit the model's schedule (every row would fail).
+  """
+
+  head = loading.load_model_head(args.model)
+  args_lib.check_timesteps(config, head.schedule)
+  keep = []
+  for j, job in enumerate(jobs):
+    try:
+      if not os.path.isfile(job.image):
+        raise io.InputError(f"image not found: {job.image}")
+      pipeline.check_edit(
+        head.tokenizer, head.schedule, job.source_prompt, job.target_prompt, job.seeds, config,
+        job.edit_words, size=args.size, announce=lambda _note: None,
+      )  # fmt: skip
+    except io.InputError as e:
+      failures.append((job_rows[j], str(e)))
+      print(f"[row {job_rows[j]}] failed: {e}", file=sys.stderr)
+      continue
+    keep.append(j)
+  return [jobs[j] for j in keep], [job_rows[j] for j in keep], [kept[j] for j in keep]
+
+
+def _save_batch_seeds(result, model, args, out_dir, r: int) -> dict[int, dict]:
+  """Writes each computed seed's strip (with --save-step), image, then record; returns the records.
+
+  The record (`io.split_run_record` of the run record, plus the seed's edit mask for the grid) is
+  written last, so that its presence means the seed is finished (`io.finished_seed_records`).
+  """
+
+  records = io.split_run_record(pipeline.run_record(result, model, args.model))
+  out = {}
+  for i, s in enumerate(result.seeds):
+    if result.snapshots is not None:
+      strip = visual.snapshot_strip(
+        result.input_image, list(result.snapshots[i]), list(result.snapshot_steps)
+      )
+      io.save_png(os.path.join(out_dir, io.snapshot_name(r, s)), strip)
+    io.save_png(os.path.join(out_dir, io.output_name(r, s)), result.images[i], result.config.output_rounding)
+    record = records[i]
+    if result.mask is not None:
+      record["mask"] = io.array_to_json(result.mask[i])
+    io.write_json_atomic(os.path.join(out_dir, io.seed_record_name(r, s)), record)
+    out[s] = record
+  return out
+
+
+def _save_batch_row(out_dir, r: int, seeds, input_image, images: dict, records: dict) -> None:
+  """Writes a row's grid, then its run.json, over every requested seed.
+
+  Args:
+    out_dir: batch output folder.
+    r: data-row index.
+    seeds: the requested seeds, in order.
+    input_image: the preprocessed input [H, W, 3].
+    images: `{seed: image}` computed in this run; the others are read from their PNGs.
+    records: `{seed: one-seed record}` of every requested seed.
+  """
+
+  edits = [
+    images[s] if s in images else io.read_output_image(os.path.join(out_dir, io.output_name(r, s)))
+    for s in seeds
+  ]
+  first = records[seeds[0]]
+  mask = io.array_from_json(first["mask"]) if "mask" in first else None
+  title = f'{r:03d}: "{first["source_prompt"]}" -> "{first["target_prompt"]}"'
+  grid = _edit_grid(input_image, edits, seeds, mask, title, bool(first.get("random_weights")))
+  io.save_png(os.path.join(out_dir, io.grid_name(r)), grid)
+  io.write_json_atomic(
+    os.path.join(out_dir, io.run_record_name(r)), io.merge_seed_records([records[s] for s in seeds])
+  )
