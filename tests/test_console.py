@@ -185,3 +185,21 @@ def test_explanation_line_is_cut_to_a_sensible_length(tmp_path, capsys, monkeypa
   out = capsys.readouterr().out
   line = next(line for line in out.splitlines() if line.startswith("edit words:"))
   assert len(line) <= pipeline.MAX_NOTE_CHARS and line.endswith("...")
+
+
+def test_method_registry_feeds_the_method_flag():
+  from lusd_jax import engine, methods
+  from lusd_jax.lusd.core import LUSD
+
+  assert methods.get("lusd").method is LUSD and methods.get("lusd").config is LUSDConfig
+  with pytest.raises(ValueError, match="choose one of: lusd"):
+    methods.get("sdedit")
+  edit = cli.build_parser()._subparsers._group_actions[0].choices["edit"]
+  (method,) = [a for a in edit._actions if "--method" in a.option_strings]
+  assert tuple(method.choices) == tuple(methods.METHODS)
+  # Every registered method implements the engine's interface.
+  for entry in methods.METHODS.values():
+    for name in ("num_steps", "init", "step", "snapshot", "finish", "watched"):
+      assert hasattr(entry.method, name), (entry.method, name)
+    assert isinstance(entry.method, type) and entry.method.__hash__ is not None
+  assert engine.Method is not None

@@ -13,13 +13,13 @@ import dataclasses
 import re
 import sys
 
-from lusd_jax import examples, io, loading, pipeline, sharding
+from lusd_jax import examples, io, loading, methods, pipeline, sharding
 from lusd_jax.lusd.config import ConfigError, LUSDConfig
 
 EXIT_USAGE = 2
 
-# The editing methods `--method` accepts. One tuple until the method registry (issue 14) replaces it.
-METHODS = ("lusd",)
+# The editing methods `--method` accepts: the registry's names.
+METHODS = tuple(methods.METHODS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +82,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
   """Adds `--method` (one of `METHODS`)."""
   parser.add_argument(
-    "--method", default=METHODS[0], choices=METHODS, help="editing method (default %(default)s)"
+    "--method",
+    default=METHODS[0],
+    choices=METHODS,
+    help="editing method: "
+    + "; ".join(f"{name}: {entry.summary}" for name, entry in methods.METHODS.items())
+    + " (default %(default)s)",
   )
 
 
