@@ -116,8 +116,7 @@ def _run(config, params32, dtype: str, inputs: core.EditInputs, ts: tuple[int, .
   lusd = LUSDConfig(filtering=False)
   numeric, static = lusd.numeric(), lusd.static()
   params = jax.tree.map(lambda x: x.astype(dtype), params32)
-  # chunked: float32 scores and softmax at every size, as cuDNN's flash attention on a GPU (XLA:CPU's
-  # fused attention cannot run float16: it asks for float32 accumulation, unsupported on CPU).
+  # chunked: float32 scores and softmax at every size and dtype, as cuDNN's flash attention on a GPU.
   unet_fn = core.FlaxUNet(config, dtype, "chunked")
   shape = inputs.z_src.shape
   noise_fn = _noise_fn(ts, tuple(shape))
@@ -310,8 +309,8 @@ def main(argv=None) -> None:
         "- On CPU, XLA computes bfloat16/float16 dots and convolutions with float32 accumulation, as GPU "
         "tensor cores do; the elementwise rounding may differ from a GPU's. Uncaptured attention layers use "
         "`chunked` (float32 scores and softmax, like cuDNN flash attention): XLA:CPU's fused attention "
-        "cannot compile float16 (`F16_F16_F32` dot precision unsupported), so on CPU `--dtype float16` / "
-        "`mixed-float16` with the default `auto` attention fails for short sequences.",
+        "cannot compile float16 (`F16_F16_F32` dot precision unsupported), which is why `core.FlaxUNet` "
+        "takes `chunked` for a float16 U-Net on CPU whatever the sequence length.",
         "",
         table,
         "",
