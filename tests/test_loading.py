@@ -235,20 +235,22 @@ def test_mixed_bfloat16_unet_computes_in_bfloat16():
   assert 0 < err < 0.05, err
 
 
-def test_mixed_bfloat16_edit_runs_close_to_float32():
+@pytest.mark.parametrize("policy", sorted(HALF))
+def test_mixed_edit_runs_close_to_float32(policy):
   from lusd_jax import pipeline
   from lusd_jax.lusd.config import LUSDConfig
 
-  # No filtering: both runs use the same draws, so only the U-Net's rounding separates them.
+  # No filtering: both runs use the same draws, so only the U-Net's rounding separates them. On
+  # CPU, float16 runs through FlaxUNet's chunked-attention fallback.
   config = LUSDConfig(num_steps=2, lr=1 / 64, threshold=0.0)
   image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
   results = {}
-  for policy in ("float32", "mixed-bfloat16"):
-    model = loading.load_model("tiny-random", dtype=policy)
-    results[policy] = pipeline.edit(
+  for name in ("float32", policy):
+    model = loading.load_model("tiny-random", dtype=name)
+    results[name] = pipeline.edit(
       model, image, "a photo of a cat", "a photo of a dog", config=config, size=64
     )
-  full, half = results["float32"], results["mixed-bfloat16"]
+  full, half = results["float32"], results[policy]
   assert np.all(np.isfinite(half.latents)) and np.all(np.isfinite(half.images))
   np.testing.assert_array_equal(half.timesteps, full.timesteps)
   # The VAE is float32 under both policies: the source latent is the same.

@@ -78,7 +78,12 @@ class FlaxUNet:
 
   def __call__(self, params, sample_BHWC, timesteps_B, context_BLD, capture):
     dtype = jnp.dtype(self.dtype)
-    model = unet_lib.UNet2DConditionModel(self.config, dtype, self.attention_impl)
+    impl = self.attention_impl
+    if impl == "auto" and dtype == jnp.float16 and jax.default_backend() == "cpu":
+      # XLA:CPU cannot compile the float16 dots with float32 accumulation of jax.nn's attention
+      # ("auto" picks it for short sequences); the chunked path runs, with float32 scores.
+      impl = "chunked"
+    model = unet_lib.UNet2DConditionModel(self.config, dtype, impl)
     return model.apply(
       {"params": params}, sample_BHWC.astype(dtype), timesteps_B, context_BLD.astype(dtype), capture=capture
     )
