@@ -1,67 +1,39 @@
-"""tokenize -> encode -> edit -> decode: `lusd_jax.edit`, the whole LUSD edit of one image.
+"""The edits a user asks for, as batches for the engine: `edit`, `edit_many` (and `sweeps.sweep`).
 
-The jitted pieces are module-level pure functions keyed on static configs (`functools.partial`
-over hashable dataclasses), so a second edit with the same model and image size reuses every
-compiled program: prompts, edit words, seeds' keys and numeric hyperparameters are traced.
+Each is a small batch builder: it prepares its inputs (`prepare`), lays (image, seed, config)
+elements out as one flat batch (`prepare.stack_elements`), runs it with `run_batch` (the engine,
+with a progress bar and timings) and decodes the results (`_result`); `run_record` writes what a
+run did. Prompts, edit words, keys and numeric hyperparameters are traced: a second edit of the same
+shape compiles nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import platform
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lusd_jax import io, prompts
-from lusd_jax import tokenizer as tokenizer_lib
-from lusd_jax.compiler import jit
+from lusd_jax import io, sharding
 from lusd_jax.loading import SDModel
-from lusd_jax.models import clip_text, vae
-
-
-@functools.partial(jit, static_argnames=("config",))
-def _encode_text(params, ids_BL, *, config):
-  return clip_text.encode_text(params, config, ids_BL)
-
-
-@functools.partial(jit, static_argnames=("config",))
-def _encode_image(params, x_BHWC01, *, config):
-  """Image in [0, 1] -> scaled latent (posterior mean times scaling_factor, LUSD Alg. 1 line 1)."""
-  mean = vae.encode_mean(params, config, x_BHWC01 * 2.0 - 1.0)
-  return mean * config.scaling_factor
-
-
-@functools.partial(jit, static_argnames=("config",))
-def _decode(params, z_BHWC, *, config):
-  x = vae.decode(params, config, z_BHWC / config.scaling_factor)
-  return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-
-
-def encode_prompts(model: SDModel, prompt_list: list[str]):
-  """CLIP text embeddings `[B, 77, D]` of prompts (padded/truncated to 77 tokens)."""
-  ids = tokenizer_lib.tokenize(model.tokenizer, prompt_list)
-  return _encode_text(model.params.text_encoder, jnp.asarray(ids), config=model.configs.text_encoder)
-
-
-def encode_image(model: SDModel, image_HWC01):
-  x = jnp.asarray(image_HWC01, model.compute_dtype)[None]
-  return _encode_image(model.params.vae, x, config=model.configs.vae)[0].astype(jnp.float32)
-
-
-def decode_latents(model: SDModel, z_SHWC):
-  out = [
-    _decode(model.params.vae, z[None].astype(model.compute_dtype), config=model.configs.vae)[0]
-    for z in z_SHWC
-  ]
-  return np.stack([np.asarray(x, np.float32) for x in out])
+from lusd_jax.lusd import core
+from lusd_jax.lusd.config import LUSDConfig
+from lusd_jax.prepare import (  # noqa: F401  (re-exported: the pipeline's public helpers)
+  MAX_NOTE_CHARS,
+  PreparedEdit,
+  check_edit,
+  decode_latents,
+  encode_image,
+  encode_prompts,
+  prepare_edit,
+  stack_elements,
+)
+from lusd_jax.version import __version__
 
 
 class EditResult(NamedTuple):
@@ -85,148 +57,6 @@ class EditResult(NamedTuple):
   config: Any  # LUSDConfig
   timings: dict
   zero_gradient_steps: np.ndarray | None = None  # [S] int: steps whose g was exactly 0 (no redraws)
-
-
-def _prepare_image(image, size: int) -> np.ndarray:
-  io.validate_size(size)
-  if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-    return io.load_image(image, size)
-  return io.image_from_array(image, size)
-
-
-# Longest explanation line printed before an edit (a 77-token prompt can make it very long).
-MAX_NOTE_CHARS = 240
-
-
-def _short(text: str, limit: int = MAX_NOTE_CHARS) -> str:
-  return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
-
-
-def check_edit(
-  tokenizer,
-  schedule,
-  source_prompt: str,
-  target_prompt: str,
-  seeds,
-  config,
-  edit_words=None,
-  *,
-  token_positions=None,
-  size: int = 512,
-  names: Callable[[str], str] | None = None,
-  announce=None,
-) -> tuple[tuple[int, ...], prompts.EditTokens]:
-  """Every check of an edit's inputs that needs no weights; run before a model loads.
-
-  Args:
-    tokenizer: the model's CLIP tokenizer (`SDModel.tokenizer` or `loading.load_model_head`).
-    schedule: the model's `Schedule` (its `num_train_timesteps` bounds the t range).
-    source_prompt, target_prompt, seeds, config, edit_words, token_positions, size: as `edit`.
-    names: how messages name an argument or `LUSDConfig` field (the CLI passes its flags,
-      "t_max" -> "--t-max"); default: the Python names.
-    announce: where the one-line notes go (long prompts, the edit tokens); None: `warnings`.
-
-  Returns:
-    (seeds as ints, `prompts.EditTokens`).
-
-  Raises:
-    io.InputError: naming the argument: bad seeds or size, an empty target, prompts that tokenize
-      identically (nothing to edit), a t range beyond the model's schedule, edit words that are
-      not in the target prompt, bad token positions.
-  """
-  from lusd_jax.lusd.config import ConfigError
-
-  name = names or (lambda arg: arg)
-  seeds = io.check_seeds(seeds, name("seeds"))
-  io.validate_size(size)
-  for arg, p in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
-    if not isinstance(p, str):
-      raise io.InputError(f"{name(arg)}: expected a string, got {type(p).__name__}")
-  if not target_prompt.strip():
-    raise io.InputError(f"{name('target_prompt')}: the target prompt is empty")
-  ids = tokenizer_lib.tokenize(tokenizer, [source_prompt, target_prompt])
-  if np.array_equal(ids[0], ids[1]):
-    raise io.InputError(
-      f"{name('source_prompt')} {source_prompt!r} and {name('target_prompt')} {target_prompt!r} are the "
-      "same prompt to CLIP (it lower-cases and ignores spacing and the words after 77 tokens): "
-      "there is nothing to edit"
-    )
-  try:
-    config.check_timesteps(schedule.num_train_timesteps)
-  except ConfigError as e:
-    raise io.InputError(f"{name(e.field)} {e.problem}") from None
-  notes = []
-  for what, p in (("source", source_prompt), ("target", target_prompt)):
-    n = len(tokenizer(p, truncation=False, verbose=False)["input_ids"])
-    if n > tokenizer_lib.MAX_LENGTH:
-      notes.append(
-        f"warning: the {what} prompt has {n} tokens; CLIP reads the first {tokenizer_lib.MAX_LENGTH}, "
-        "the rest is cut"
-      )
-  with warnings.catch_warnings(record=True):  # the explanation below carries the same notice
-    warnings.simplefilter("always")
-    try:
-      edit_tokens = prompts.find_edit_tokens(
-        tokenizer,
-        source_prompt,
-        target_prompt,
-        edit_words=edit_words,
-        token_positions=token_positions,
-        subtokens="last" if config.edit_token_last_subtoken else "all",
-        rule=config.edit_token_rule,
-      )
-    except (ValueError, TypeError) as e:
-      arg = "token_positions" if token_positions is not None else "edit_words"
-      raise io.InputError(f"{name(arg)}: {e}") from None
-  notes.append(_short(edit_tokens.explanation))
-  for note in notes:
-    if announce is not None:
-      announce(note)
-    elif note.startswith("warning:") or edit_tokens.uniform or edit_tokens.dropped_words:
-      warnings.warn(note.removeprefix("warning: "), UserWarning, stacklevel=3)
-  return seeds, edit_tokens
-
-
-class PreparedEdit(NamedTuple):
-  """An edit's checked, preprocessed and encoded inputs (shared by `edit` and `sweep`)."""
-
-  seeds: tuple[int, ...]
-  image: np.ndarray  # [H, W, 3] float32 in [0, 1], preprocessed
-  edit_tokens: Any  # prompts.EditTokens
-  inputs: Any  # core.EditInputs
-  keys: jax.Array  # [S] PRNG keys, jax.random.key(seed)
-
-
-def prepare_edit(
-  model: SDModel,
-  image,
-  source_prompt: str,
-  target_prompt: str,
-  seeds,
-  config,
-  edit_words: str | None = None,
-  *,
-  token_positions=None,
-  size: int = 512,
-  announce=None,
-) -> PreparedEdit:
-  """Checks the inputs, preprocesses the image, finds the edit tokens and encodes image and prompts.
-
-  Raises:
-    io.InputError: see `check_edit`; a bad image.
-  """
-  from lusd_jax.lusd import core
-
-  seeds, edit_tokens = check_edit(
-    model.tokenizer, model.configs.schedule, source_prompt, target_prompt, seeds, config, edit_words,
-    token_positions=token_positions, size=size, announce=announce,
-  )  # fmt: skip
-  x = _prepare_image(image, size)
-  ctx = encode_prompts(model, [source_prompt, target_prompt])
-  z_src = encode_image(model, x)
-  inputs = core.EditInputs(z_src, ctx[0], ctx[1], jnp.asarray(edit_tokens.token_mask()))
-  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-  return PreparedEdit(seeds, x, edit_tokens, inputs, keys)
 
 
 def progress_chunk_size(num_steps: int, chunk_size: int | None = None) -> int:
@@ -310,43 +140,66 @@ def edit(
     >>> res.images.shape
     (3, 512, 512, 3)
   """
-  from lusd_jax.lusd import core
-  from lusd_jax.lusd.config import LUSDConfig
-
   config = LUSDConfig() if config is None else config
-  announce = announce or (lambda _msg: None)
-  timings = {}
   t0 = time.perf_counter()
   prep = prepare_edit(
     model, image, source_prompt, target_prompt, seeds, config, edit_words,
     token_positions=token_positions, size=size, announce=announce,
   )  # fmt: skip
-  seeds, inputs, keys = prep.seeds, prep.inputs, prep.keys
-  jax.block_until_ready(inputs)
-  timings["encode_s"] = time.perf_counter() - t0
+  numeric = config.numeric()
+  batch = stack_elements([(prep.inputs, key, numeric) for key in prep.keys])
+  jax.block_until_ready(batch)
+  timings = {"encode_s": time.perf_counter() - t0}
+  out, timings["optimize_s"] = run_batch(
+    model, config, batch, ids=[f"seed {s}" for s in prep.seeds], desc=f"LUSD {len(prep.seeds)} seed(s)",
+    mesh=mesh, noise_fn=noise_fn, snapshot_every=snapshot_every, chunk_size=chunk_size, progress=progress,
+  )  # fmt: skip
+  return _result(model, prep, source_prompt, target_prompt, config, out, timings)
 
+
+def run_batch(
+  model: SDModel,
+  config: LUSDConfig,
+  batch: tuple[Any, jax.Array, Any],
+  *,
+  ids: Sequence[str],
+  desc: str,
+  mesh=None,
+  batch_size: int | None = None,
+  noise_fn=None,
+  snapshot_every: int | None = None,
+  chunk_size: int | None = None,
+  progress: bool = False,
+  params=None,
+) -> tuple[core.EditOutput, float]:
+  """Runs a flat batch of LUSD edits through the engine, with a progress bar; the one runner.
+
+  Args:
+    model: the loaded model (its U-Net, dtype policy and schedule).
+    config: the `LUSDConfig` whose static part (num_steps, gradient) the batch shares.
+    batch: (inputs_B, keys_B, numeric_B) from `stack_elements`.
+    ids: [B] names of the elements for error messages.
+    desc: the progress bar's label.
+    mesh, batch_size, noise_fn, snapshot_every, chunk_size: as `engine.run`.
+    progress: show a progress bar (chunks of about a tenth of the run).
+    params: the U-Net params when already placed on `mesh` (default: the model's).
+
+  Returns:
+    (`core.EditOutput` [B], seconds spent).
+  """
+  inputs_B, keys_B, numeric_B = batch
   n = config.num_steps
   if progress:
     chunk_size = progress_chunk_size(n, chunk_size)
-  t1 = time.perf_counter()
-  with step_progress(n, f"LUSD {len(seeds)} seed(s)", enabled=progress) as on_chunk:
-    out = core.optimize(
+  t0 = time.perf_counter()
+  with step_progress(n, desc, enabled=progress) as on_chunk:
+    out = core.optimize_batch(
       core.FlaxUNet(model.configs.unet, model.unet_dtype),
-      model.params.unet,
-      inputs,
-      keys,
-      config,
-      schedule=model.configs.schedule,
-      mesh=mesh,
-      noise_fn=noise_fn,
-      snapshot_every=snapshot_every,
-      chunk_size=chunk_size,
-      seed_ids=seeds,
-      on_chunk=on_chunk,
-    )
-  timings["optimize_s"] = time.perf_counter() - t1
-
-  return _result(model, prep, source_prompt, target_prompt, config, out, timings)
+      model.params.unet if params is None else params, inputs_B, keys_B, numeric_B,
+      static=config.static(), schedule=model.configs.schedule, mesh=mesh, batch_size=batch_size,
+      noise_fn=noise_fn, snapshot_every=snapshot_every, chunk_size=chunk_size, ids=ids, on_chunk=on_chunk,
+    )  # fmt: skip
+  return out, time.perf_counter() - t0
 
 
 class EditJob(NamedTuple):
@@ -401,10 +254,6 @@ def edit_many(
     inputs (`io.InputError`, `ValueError`) fail only their job; NaN/inf (`core.NonFiniteError`)
     fails every job with a seed in that batch. Jobs come in order of completion.
   """
-  from lusd_jax import sharding
-  from lusd_jax.lusd import core
-  from lusd_jax.lusd.config import LUSDConfig
-
   config = LUSDConfig() if config is None else config
   announce = announce or (lambda _msg: None)
   devices = sharding.num_devices(mesh)
@@ -415,10 +264,8 @@ def edit_many(
   # For the progress bars: calls expected if no job fails (a failed job only makes it fewer).
   expected_calls = math.ceil(sum(len(job.seeds) for job in jobs) / batch_size)
   calls = 0
-  n = config.num_steps
-  if progress:
-    chunk_size = progress_chunk_size(n, chunk_size)
-  unet_fn = core.FlaxUNet(model.configs.unet, model.unet_dtype)
+  numeric = config.numeric()
+  # Placed once for every call (the engine would copy them to the devices on each).
   params = sharding.replicate(model.params.unet, mesh) if mesh is not None else model.params.unet
 
   prepared: dict[int, PreparedEdit] = {}
@@ -446,24 +293,19 @@ def edit_many(
     calls += 1
     jobs_in = sorted({j for j, _ in items})
     desc = f"LUSD call {calls}/{max(calls, expected_calls)}: {len(items)} edit(s) of {len(jobs_in)} image(s)"
-    inputs_B = jax.tree.map(lambda *xs: jnp.stack(xs), *(prepared[j].inputs for j, _ in items))
-    keys_B = jnp.stack([prepared[j].keys[i] for j, i in items])
+    batch = stack_elements([(prepared[j].inputs, prepared[j].keys[i], numeric) for j, i in items])
     ids = [f"{label(j)} seed {prepared[j].seeds[i]}" for j, i in items]
-    t1 = time.perf_counter()
     try:
-      with step_progress(n, desc, progress) as on_chunk:
-        out = core.optimize_batch(
-          unet_fn, params, inputs_B, keys_B, sharding.broadcast_batch(config.numeric(), len(items)),
-          static=config.static(), schedule=model.configs.schedule, mesh=mesh, batch_size=batch_size,
-          snapshot_every=snapshot_every, chunk_size=chunk_size, ids=ids, on_chunk=on_chunk,
-        )  # fmt: skip
+      out, seconds = run_batch(
+        model, config, batch, ids=ids, desc=desc, mesh=mesh, batch_size=batch_size, params=params,
+        snapshot_every=snapshot_every, chunk_size=chunk_size, progress=progress,
+      )  # fmt: skip
     except core.NonFiniteError as e:
       queue[:] = [item for item in queue if item[0] not in jobs_in]  # their other seeds too
       for j in jobs_in:
         prepared.pop(j), outputs.pop(j)
         yield j, e
       return
-    seconds = time.perf_counter() - t1
     for b, (j, i) in enumerate(items):
       outputs[j][i] = _element(out, b)
     for j in jobs_in:
@@ -565,16 +407,10 @@ def run_record(result: EditResult, model: SDModel, model_id: str | None = None) 
     ],
     "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     "versions": {
-      "lusd_jax": _version(),
+      "lusd_jax": __version__,
       "jax": jax.__version__,
       "flax": flax.__version__,
       "python": platform.python_version(),
       "backend": jax.default_backend(),
     },
   }
-
-
-def _version() -> str:
-  from lusd_jax import __version__
-
-  return __version__

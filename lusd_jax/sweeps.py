@@ -32,13 +32,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lusd_jax import io, pipeline, sharding, visual
+from lusd_jax import io, pipeline, visual
 from lusd_jax.loading import SDModel
-from lusd_jax.lusd import core
-from lusd_jax.lusd.config import _BOOL_NUMERIC, _INT_NUMERIC, LUSDConfig, LUSDNumeric, stack_numeric
+from lusd_jax.lusd.config import BOOL_NUMERIC, INT_NUMERIC, LUSDConfig, LUSDNumeric
 
 # Read by the prompt analysis before the optimization: one value for the whole sweep.
 _PROMPT_FIELDS = ("edit_token_last_subtoken",)
@@ -96,7 +94,7 @@ class SweepResult(NamedTuple):
 
 
 def _field_kind(name: str) -> type:
-  return bool if name in _BOOL_NUMERIC else int if name in _INT_NUMERIC else float
+  return bool if name in BOOL_NUMERIC else int if name in INT_NUMERIC else float
 
 
 def _check_value(name: str, value: Any) -> Any:
@@ -239,34 +237,15 @@ def sweep(
   )  # fmt: skip
   seeds = prep.seeds
   c, s = len(configs), len(seeds)
-  # Flatten configs x seeds (config-major) into one batch: element c * S + i is (configs[c], seeds[i]).
-  numeric_B = jax.tree.map(lambda x: jnp.repeat(x, s, axis=0), stack_numeric(configs))
-  keys_B = prep.keys[jnp.tile(jnp.arange(s), c)]
-  inputs_B = sharding.broadcast_batch(prep.inputs, c * s)
-  ids = [f"seed {seed} with {label}" for label in labels for seed in seeds]
-  jax.block_until_ready(inputs_B)
+  # configs x seeds as one flat batch (config-major): element c * S + i is (configs[c], seeds[i]).
+  numerics = [config.numeric() for config in configs]
+  batch = pipeline.stack_elements([(prep.inputs, key, numeric) for numeric in numerics for key in prep.keys])
+  jax.block_until_ready(batch)
   timings["encode_s"] = time.perf_counter() - t0
-
-  n = base.num_steps
-  if progress:
-    chunk_size = pipeline.progress_chunk_size(n, chunk_size)
-  t1 = time.perf_counter()
-  desc = f"LUSD sweep {c} config(s) x {s} seed(s)"
-  with pipeline.step_progress(n, desc, enabled=progress) as on_chunk:
-    out = core.optimize_batch(
-      core.FlaxUNet(model.configs.unet, model.unet_dtype),
-      model.params.unet,
-      inputs_B,
-      keys_B,
-      numeric_B,
-      static=base.static(),
-      schedule=model.configs.schedule,
-      mesh=mesh,
-      chunk_size=chunk_size,
-      ids=ids,
-      on_chunk=on_chunk,
-    )
-  timings["optimize_s"] = time.perf_counter() - t1
+  out, timings["optimize_s"] = pipeline.run_batch(
+    model, base, batch, ids=[f"seed {seed} with {label}" for label in labels for seed in seeds],
+    desc=f"LUSD sweep {c} config(s) x {s} seed(s)", mesh=mesh, chunk_size=chunk_size, progress=progress,
+  )  # fmt: skip
 
   t2 = time.perf_counter()
   images = pipeline.decode_latents(model, out.z)

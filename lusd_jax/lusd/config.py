@@ -79,8 +79,9 @@ class LUSDNumeric(NamedTuple):
   accept_zero_direction: jax.Array  # bool
 
 
-_INT_NUMERIC = ("t_min", "t_max", "max_attempts")
-_BOOL_NUMERIC = (
+# The traced fields that are integers and booleans (the rest of `LUSDNumeric` is float32).
+INT_NUMERIC = ("t_min", "t_max", "max_attempts")
+BOOL_NUMERIC = (
   "spatial_reg",
   "normalize",
   "anneal",
@@ -260,7 +261,7 @@ class LUSDConfig:
 
   def numeric(self) -> LUSDNumeric:
     def dtype(name):
-      return jnp.int32 if name in _INT_NUMERIC else jnp.bool_ if name in _BOOL_NUMERIC else jnp.float32
+      return jnp.int32 if name in INT_NUMERIC else jnp.bool_ if name in BOOL_NUMERIC else jnp.float32
 
     return LUSDNumeric(
       **{name: jnp.asarray(getattr(self, name), dtype(name)) for name in LUSDNumeric._fields}
