@@ -1,5 +1,8 @@
 """Edit-token detection: which CLIP tokens of the target prompt name what the edit introduces.
 
+(Over 450 lines on purpose: the paper rule, the official rule and the word -> token mapping they
+share are one job and read best side by side; most of the length is the rules' documentation.)
+
 LUSD builds its spatial mask from the cross-attention of the nouns that the edit adds or changes
 (LUSD supplementary Sec. 6.1). This module turns a (source, target) prompt pair into those token
 positions, offline and deterministically, and says in one line what it did. Two rules infer them:

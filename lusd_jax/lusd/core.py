@@ -1,5 +1,8 @@
 """The LUSD optimization (paper Algorithm 1) on latents and text embeddings, as pure functions.
 
+(Over 450 lines on purpose: Algorithm 1's step, the `LUSD` engine method that wraps it and the thin
+batch builders over the engine belong together; splitting them would scatter one algorithm.)
+
 One step k of Algorithm 1 for one seed:
 
   eta = eta_0; draw t                                    (official preset: t redrawn with eps)
