@@ -602,7 +602,7 @@ def run_eval(
   Args:
     results_dirs: one folder or a list (compared side by side).
     dataset_dir: dataset folder (index.csv layout in this module's docstring).
-    clip_model: a `CLIP` (`lusd_jax.models.clip`), or what `load_clip` takes (folder, hub id, "tiny-random").
+    clip_model: a `CLIP` (`lusd_jax.models.clip`), or what `loading.load_clip` takes (folder, hub id, "tiny-random").
     out_dir: where per_example.csv, summary.csv, summary.md, success_rate.csv / .png are written.
     seed: which result image per row: None (smallest seed present), an int, or "all".
     names: method names for the tables (default: the folder names).
@@ -621,7 +621,7 @@ def run_eval(
   Example:
     >>> report = run_eval(["out/lusd"], "magicbrush_test", "openai/clip-vit-base-patch32", "eval")
   """
-  from lusd_jax.models import clip as clip_lib
+  from lusd_jax import loading  # jax and the models load only when a run needs them
 
   log = log or (lambda msg: print(msg, file=sys.stderr))
   if isinstance(results_dirs, str | os.PathLike):
@@ -631,7 +631,7 @@ def run_eval(
   examples, selections = _check_and_select(
     results_dirs, os.fspath(dataset_dir), os.fspath(out_dir), seed, names, log
   )
-  clip = clip_model if hasattr(clip_model, "embed_texts") else clip_lib.load_clip(clip_model)
+  clip = clip_model if hasattr(clip_model, "embed_texts") else loading.load_clip(clip_model)
   embedders = {"clip": clip, **dict(extra_embedders or {})}
 
   log(f"eval: embedding {len(examples)} dataset rows with CLIP {getattr(clip, 'name', '')}")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 from skimage import data
 
-from lusd_jax import cli
+from lusd_jax import cli, loading
 from lusd_jax import evaluation as ev
 from lusd_jax.models import clip as clip_lib
 
@@ -362,7 +362,7 @@ def clip_loads(monkeypatch, tiny_clip):
     calls.append(spec)
     return tiny_clip
 
-  monkeypatch.setattr(clip_lib, "load_clip", load)
+  monkeypatch.setattr(loading, "load_clip", load)
   return calls
 
 

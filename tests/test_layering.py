@@ -1,0 +1,39 @@
+"""The package's layers: no module imports from a layer above it (read from the source, nothing runs)."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lusd_jax"
+
+# What a model file may import from the project: its siblings and the leaf modules below them.
+MODEL_DEPENDENCIES = {
+  "lusd_jax.models",
+  "lusd_jax.weights",
+  "lusd_jax.tokenizer",
+  "lusd_jax.compiler",
+  "lusd_jax.tiny",
+}
+
+
+def _project_imports(path: pathlib.Path) -> list[tuple[int, str]]:
+  """(line, module) of every import of a project module in `path`, function-level imports included."""
+  out = []
+  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    if isinstance(node, ast.Import):
+      out += [(node.lineno, a.name) for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      # `from lusd_jax import loading` imports the module lusd_jax.loading.
+      out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+  return [(line, m) for line, m in out if m.split(".")[0] in ("lusd_jax", "convert")]
+
+
+def _under(module: str, allowed: set[str]) -> bool:
+  return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "models").glob("*.py")), ids=lambda p: p.name)
+def test_models_import_no_loader_pipeline_or_cli(path):
+  bad = [f"line {line}: {m}" for line, m in _project_imports(path) if not _under(m, MODEL_DEPENDENCIES)]
+  assert not bad, f"{path.name} imports from a layer above the models: {bad}"
