@@ -25,6 +25,7 @@ from lusd_jax import tokenizer as tokenizer_lib
 from lusd_jax.compiler import jit
 from lusd_jax.loading import SDModel
 from lusd_jax.models import clip_text, vae
+from lusd_jax.version import __version__
 
 
 @functools.partial(jit, static_argnames=("config",))
@@ -569,16 +570,10 @@ def run_record(result: EditResult, model: SDModel, model_id: str | None = None) 
     ],
     "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     "versions": {
-      "lusd_jax": _version(),
+      "lusd_jax": __version__,
       "jax": jax.__version__,
       "flax": flax.__version__,
       "python": platform.python_version(),
       "backend": jax.default_backend(),
     },
   }
-
-
-def _version() -> str:
-  from lusd_jax import __version__
-
-  return __version__

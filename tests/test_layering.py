@@ -37,3 +37,29 @@ def _under(module: str, allowed: set[str]) -> bool:
 def test_models_import_no_loader_pipeline_or_cli(path):
   bad = [f"line {line}: {m}" for line, m in _project_imports(path) if not _under(m, MODEL_DEPENDENCIES)]
   assert not bad, f"{path.name} imports from a layer above the models: {bad}"
+
+
+def _top_level_imports(path: pathlib.Path) -> set[str]:
+  """The project modules `path` imports at module level (not inside a function)."""
+  tree = ast.parse(path.read_text(encoding="utf-8"))
+  return {
+    f"{node.module}.{a.name}"
+    for node in tree.body
+    if isinstance(node, ast.ImportFrom) and node.module
+    for a in node.names
+  }
+
+
+def test_version_has_one_source():
+  from setuptools.config.pyprojecttoml import read_configuration
+
+  import lusd_jax
+  from lusd_jax import pipeline, version
+
+  # setuptools computes the distribution's version from lusd_jax/version.py, as `pip install` would.
+  project = read_configuration(PACKAGE.parent / "pyproject.toml")["project"]
+  assert "version" in project["dynamic"]
+  assert project["version"] == version.__version__ == lusd_jax.__version__
+  # The pipeline reads it at import (no lazy import hiding a cycle through the package root).
+  assert "lusd_jax.version.__version__" in _top_level_imports(PACKAGE / "pipeline.py")
+  assert pipeline.__version__ is version.__version__
