@@ -507,12 +507,12 @@ def _save_batch_row(out_dir, r: int, seeds, input_image, images: dict, records: 
 
 
 def cmd_convert(args) -> int:
-  from convert import convert_checkpoint
+  from lusd_jax import convert
 
   argv = [args.src, args.out, "--dtype", args.dtype]
   if args.single_file_config:
     argv += ["--single-file-config", args.single_file_config]
-  return convert_checkpoint.main(argv)
+  return convert.main(argv)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

@@ -384,7 +384,7 @@ def load_model(
   """Loads Stable Diffusion 1.x / 2.x for editing.
 
   Args:
-    path_or_repo_id: a local diffusers folder, a folder written by `convert/` (has `lusd_jax.json`),
+    path_or_repo_id: a local diffusers folder, a folder written by `lusd_jax.convert` (has `lusd_jax.json`),
       a Hugging Face repo id (downloaded with `huggingface_hub` when a network is there), or
       "tiny-random" (a tiny random-weight model built in memory, for trying the tool).
     dtype: the dtype policy (`DTYPE_POLICIES`): "float32", "bfloat16" or "float16" for the params
@@ -414,7 +414,7 @@ def load_model(
   if os.path.exists(path):
     raise ModelLoadError(
       f"{path} is a file; pass a diffusers folder, or convert a single-file checkpoint first "
-      "(python -m convert.convert_checkpoint --help)."
+      "(lusd-jax convert --help)."
     )
   local = _download(path_or_repo_id, revision, _HUB_PATTERNS)
   model = load_diffusers_folder(local, dtype)

@@ -63,3 +63,16 @@ def test_version_has_one_source():
   # The pipeline reads it at import (no lazy import hiding a cycle through the package root).
   assert "lusd_jax.version.__version__" in _top_level_imports(PACKAGE / "pipeline.py")
   assert pipeline.__version__ is version.__version__
+
+
+def test_package_imports_no_top_level_project_package():
+  # Conversion lives in lusd_jax/convert.py; a top-level package importing back into lusd_jax (and
+  # lusd_jax importing it) made a cycle across the package boundary.
+  bad = [
+    f"{p.relative_to(PACKAGE)} line {line}: {m}"
+    for p in sorted(PACKAGE.rglob("*.py"))
+    for line, m in _project_imports(p)
+    if not m.startswith("lusd_jax")
+  ]
+  assert not bad
+  assert not (PACKAGE.parent / "convert").exists()

@@ -1,6 +1,6 @@
 """Converts a Stable Diffusion checkpoint into lusd-jax's fast-loading format, and verifies it.
 
-    python -m convert.convert_checkpoint SRC OUT [--dtype bfloat16]
+    python -m lusd_jax.convert SRC OUT [--dtype bfloat16]      (or: lusd-jax convert SRC OUT)
 
 SRC is a local diffusers folder, a Hugging Face repo id, or (with torch and diffusers installed) a
 single-file SD `.ckpt` / `.safetensors`, read with diffusers' `from_single_file` (pass
@@ -8,6 +8,9 @@ single-file SD `.ckpt` / `.safetensors`, read with diffusers' `from_single_file`
 OUT gets `lusd_jax.json` (configs), `unet.safetensors`, `vae.safetensors`,
 `text_encoder.safetensors` (Flax param trees, '/'-joined paths) and `tokenizer/`. After writing,
 the output is loaded back and every parameter compared with the converted one (round trip).
+
+It lives inside the package (it was a top-level `convert/` package that imported back into
+`lusd_jax`, and installed a module named `convert` into site-packages).
 """
 
 from __future__ import annotations
@@ -74,9 +77,7 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-    prog="python -m convert.convert_checkpoint", description=__doc__.split("\n\n")[0]
-  )
+  p = argparse.ArgumentParser(prog="python -m lusd_jax.convert", description=__doc__.split("\n\n")[0])
   p.add_argument("src", help="diffusers folder, hub id, or single-file .ckpt/.safetensors")
   p.add_argument("out", help="output folder")
   p.add_argument(
