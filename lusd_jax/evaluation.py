@@ -65,12 +65,20 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image
 
-from lusd_jax.io import InputError, check_output_dir, check_seeds
+from lusd_jax.io import (
+  INDEX_FILE,
+  InputError,
+  check_output_dir,
+  check_seeds,
+  image_path_candidates,
+  read_index_records,
+)
 
 SUCCESS_THRESHOLDS = 1.0 + 0.01 * np.arange(41)  # k = 1.00 .. 1.40 (CLIP-AUC)
 BACKGROUND_THRESHOLDS = SUCCESS_THRESHOLDS[:23]  # k = 1.00 .. 1.22 (L1*, CLIP-I*)
@@ -180,57 +188,46 @@ class EditExample:
 
 
 def load_dataset(dataset_dir: str | os.PathLike) -> list[EditExample]:
-  """Reads `dataset_dir/index.csv` (layout in this module's docstring).
+  """Reads `dataset_dir/index.csv` (layout in this module's docstring) with `io.read_index_records`.
 
   Raises:
     DatasetError: naming the file, the row and the column when something is missing.
   """
   dataset_dir = os.fspath(dataset_dir)
-  index = os.path.join(dataset_dir, "index.csv")
+  index = os.path.join(dataset_dir, INDEX_FILE)
   if not os.path.isfile(index):
     raise DatasetError(f"missing file {index} (a dataset folder holds index.csv and the images it names)")
-  with open(index, newline="", encoding="utf-8-sig") as f:  # with or without a BOM, as `lusd-jax batch`
-    reader = csv.DictReader(f)
-    reader.fieldnames = [(name or "").strip() for name in reader.fieldnames or []]
-    columns = set(reader.fieldnames)
-    rows = list(reader)
-  for required in ("img_path", "target_prompt"):
-    if required not in columns:
-      raise DatasetError(f"{index}: missing column '{required}' (columns: {', '.join(sorted(columns))})")
-  if not rows:
-    raise DatasetError(f"{index}: no rows")
+  try:
+    records = read_index_records(index, ("img_path", "target_prompt"))
+  except InputError as e:
+    raise DatasetError(str(e)) from None
 
   def resolve(path: str, row: int, column: str) -> str:
     # `lusd-jax batch`'s rule: images/<path> (the official layout), else <path> beside index.csv.
-    path = os.path.expanduser(path)
-    candidates = (
-      [path]
-      if os.path.isabs(path)
-      else [os.path.join(dataset_dir, "images", path), os.path.join(dataset_dir, path)]
-    )
+    candidates = image_path_candidates(Path(dataset_dir), path)
     for full in candidates:
-      if os.path.isfile(full):
-        return full
+      if full.is_file():
+        return str(full)
     raise DatasetError(
-      f"{index}: row {row}: {column} '{path}' does not exist (looked for {' and '.join(candidates)})"
+      f"{index}: row {row}: {column} '{path}' does not exist (looked for {' and '.join(map(str, candidates))})"
     )
 
   examples = []
-  for i, r in enumerate(rows):
-    get = lambda key, r=r: (r.get(key) or "").strip()
+  for r in records:
+    get = r.fields.__getitem__
     if not get("img_path"):
-      raise DatasetError(f"{index}: row {i}: empty img_path")
+      raise DatasetError(f"{index}: row {r.row}: empty img_path")
     target = get("target_prompt")
     examples.append(
       EditExample(
-        row=i,
-        source_path=resolve(get("img_path"), i, "img_path"),
+        row=r.row,
+        source_path=resolve(get("img_path"), r.row, "img_path"),
         source_prompt=get("source_prompt"),
         target_prompt=target,
         global_source_prompt=get("global_source_prompt"),
         global_target_prompt=get("global_target_prompt") or target,
         local_prompt=get("local_prompt") or target,
-        gt_path=resolve(get("gt_path"), i, "gt_path") if get("gt_path") else None,
+        gt_path=resolve(get("gt_path"), r.row, "gt_path") if get("gt_path") else None,
         category=get("category"),
       )
     )

@@ -159,6 +159,13 @@ def test_dataset_layout_and_errors(tmp_path):
     "",
   )
   assert ex.source_path == os.path.join(str(tmp_path), "images/a.png")
+  # The batch's index.csv reader: its file errors, as DatasetErrors.
+  (tmp_path / "index.csv").write_text("img_path,target_prompt\na.png,un caf\u00e9\n", encoding="latin-1")
+  with pytest.raises(ev.DatasetError, match="not valid UTF-8"):
+    ev.load_dataset(tmp_path)
+  (tmp_path / "index.csv").write_text("")
+  with pytest.raises(ev.DatasetError, match="is empty"):
+    ev.load_dataset(tmp_path)
 
 
 def test_result_selection(tmp_path):

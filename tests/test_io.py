@@ -412,6 +412,30 @@ def test_read_index_keeps_bad_rows_with_a_problem(tmp_path):
   assert problems[4] is None
 
 
+def test_read_index_records_reads_every_known_column(tmp_path):
+  d = _batch_dir(
+    tmp_path,
+    " category ,img_path,target_prompt,gt_path,local_prompt,global_target_prompt,notes\n"
+    "add, a.png ,a cat in a hat,gt/a.png,a hat,a photo of a cat in a hat,x\n"
+    "\n"
+    "change,b.png,a dog,,,,y,surplus\n",
+  )
+  records = lio.read_index_records(d / "index.csv", ("img_path", "target_prompt"))
+  assert [(r.row, r.line) for r in records] == [(0, 2), (1, 4)]
+  first = records[0].fields
+  assert set(first) == set(lio.INDEX_COLUMNS)  # absent columns read as "", unknown ones ("notes") dropped
+  assert (first["img_path"], first["category"], first["gt_path"]) == ("a.png", "add", "gt/a.png")
+  assert (first["global_target_prompt"], first["source_prompt"], first["edit_words"]) == (
+    "a photo of a cat in a hat",
+    "",
+    "",
+  )
+  assert records[0].extra == () and records[1].extra == ("surplus",)
+  # The required columns are the caller's: the evaluation's dataset needs no source_prompt.
+  with pytest.raises(lio.InputError, match="missing column 'source_prompt'"):
+    lio.read_index_records(d / "index.csv", lio.REQUIRED_COLUMNS)
+
+
 def test_image_paths_resolve_in_images_then_input_dir_then_absolute(tmp_path):
   d = _batch_dir(tmp_path, "", images=("a.png",))
   Image.new("RGB", (8, 8)).save(d / "b.png")
