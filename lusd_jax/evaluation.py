@@ -62,7 +62,6 @@ import csv
 import dataclasses
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -77,13 +76,13 @@ from lusd_jax.io import (
   check_output_dir,
   check_seeds,
   image_path_candidates,
+  parse_output_name,
   read_index_records,
 )
 
 SUCCESS_THRESHOLDS = 1.0 + 0.01 * np.arange(41)  # k = 1.00 .. 1.40 (CLIP-AUC)
 BACKGROUND_THRESHOLDS = SUCCESS_THRESHOLDS[:23]  # k = 1.00 .. 1.22 (L1*, CLIP-I*)
 CATEGORIES = ("all", "add", "other")
-RESULT_NAME = re.compile(r"^(\d+)_seed(\d+)\.png$")
 
 
 class DatasetError(InputError):
@@ -235,7 +234,7 @@ def load_dataset(dataset_dir: str | os.PathLike) -> list[EditExample]:
 
 
 def scan_results(results_dir: str | os.PathLike) -> dict[int, dict[int, str]]:
-  """`{row: {seed: path}}` of the `{row:03d}_seed{seed}.png` files in a `lusd-jax batch` folder."""
+  """`{row: {seed: path}}` of the `{row:03d}_seed{seed}.png` files (`io.output_name`) in a batch folder."""
   results_dir = os.fspath(results_dir)
   if not os.path.isdir(results_dir):
     raise DatasetError(f"results folder {results_dir} does not exist")
@@ -245,9 +244,10 @@ def scan_results(results_dir: str | os.PathLike) -> dict[int, dict[int, str]]:
     raise DatasetError(f"cannot read results folder {results_dir} ({e.strerror or e})") from None
   found: dict[int, dict[int, str]] = {}
   for name in names:
-    m = RESULT_NAME.match(name)
-    if m:
-      found.setdefault(int(m.group(1)), {})[int(m.group(2))] = os.path.join(results_dir, name)
+    parsed = parse_output_name(name)
+    if parsed:
+      row, seed = parsed
+      found.setdefault(row, {})[seed] = os.path.join(results_dir, name)
   return found
 
 
@@ -508,7 +508,7 @@ def _no_results_error(
       f"{other_rows} result images are for rows beyond the {num_rows} rows of --dataset's index.csv"
     )
   pngs = sum(
-    1 for d in results_dirs for n in os.listdir(d) if n.lower().endswith(".png") and not RESULT_NAME.match(n)
+    1 for d in results_dirs for n in os.listdir(d) if n.lower().endswith(".png") and not parse_output_name(n)
   )
   if pngs:
     hints.append(f"{pngs} .png files with other names")

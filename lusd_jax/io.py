@@ -652,6 +652,16 @@ def output_name(row: int, seed: int) -> str:
   return f"{row:03d}_seed{seed}.png"
 
 
+# `output_name`'s inverse; the row may have fewer or more than 3 digits (the official code's files).
+_OUTPUT_NAME = re.compile(r"([0-9]+)_seed([0-9]+)\.png")
+
+
+def parse_output_name(name: str) -> tuple[int, int] | None:
+  """(row, seed) of an `output_name` file name (`"007_seed1.png"` -> (7, 1)); None for other names."""
+  m = _OUTPUT_NAME.fullmatch(name)
+  return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def seed_record_name(row: int, seed: int) -> str:
   """File name of one seed's record (`split_run_record`), written right after its image."""
   return f"{row:03d}_seed{seed}.json"

@@ -449,6 +449,17 @@ def test_image_paths_resolve_in_images_then_input_dir_then_absolute(tmp_path):
 def test_output_names_and_resume(tmp_path):
   assert lio.output_name(7, 0) == "007_seed0.png"
   assert lio.output_name(1234, 12) == "1234_seed12.png"
+  for row, seed in [(0, 0), (7, 1), (1234, 12), (3, 2**32 - 1)]:
+    assert lio.parse_output_name(lio.output_name(row, seed)) == (row, seed)
+  assert lio.parse_output_name("7_seed1.png") == (7, 1)  # unpadded rows are results too
+  for other in [
+    "007_grid.png",
+    "007_seed1.json",
+    "007_snapshots_seed1.png",
+    "007_seed1.png\n",
+    "a_seed1.png",
+  ]:
+    assert lio.parse_output_name(other) is None, other
   assert lio.pending_seeds(tmp_path / "not_yet", 0, [0, 1]) == [0, 1]
   lio.save_png(tmp_path / lio.output_name(3, 1), np.zeros((4, 4, 3)))
   (tmp_path / lio.output_name(3, 2)).write_bytes(b"")  # zero bytes: not finished
