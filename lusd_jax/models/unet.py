@@ -45,12 +45,10 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from lusd_jax import weights
 from lusd_jax.models.attention import dot_product_attention
-from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm, random_params
 
 CROSS_DOWN, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -716,34 +714,13 @@ def _dummy_inputs(config: UNetConfig):
   )
 
 
-def init_params(config: UNetConfig, key: jax.Array, dtype=jnp.float32):
-  """Random params for `config`, in `dtype`, distributed as Flax's default initializers.
+def init_params(config: UNetConfig, key: jax.Array | int, dtype=jnp.float32):
+  """Random params for `config`, in `dtype`: LeCun-normal kernels, zero biases, unit norm scales.
 
-  Kernels are LeCun-normal (truncated normal, variance 1 / fan_in), biases zero, norm scales one.
-  They are drawn in one random call and sliced: running the model's own init compiles one
-  threefry kernel per parameter, which takes about a minute on CPU even for the tiny U-Net.
+  `layers.random_params` with Flax's default biases and scales (numpy draws, leaf by leaf: no
+  compiled init, peak memory = the params).
   """
-  flat = traverse_util.flatten_dict(param_shapes(config))
-  kernels = {path: s.shape for path, s in flat.items() if path[-1] == "kernel"}
-  draws = np.asarray(jax.random.truncated_normal(key, -2.0, 2.0, (sum(map(math.prod, kernels.values())),)))
-  out, offset = {}, 0
-  for path, s in flat.items():
-    if path[-1] == "kernel":
-      n, fan_in = math.prod(s.shape), math.prod(s.shape[:-1])
-      # Flax's variance_scaling divides by the std of a [-2, 2]-truncated unit normal.
-      x = draws[offset : offset + n].reshape(s.shape) * (fan_in**-0.5 / _TRUNCATED_NORMAL_STD)
-      offset += n
-    elif path[-1] == "bias":
-      x = np.zeros(s.shape, np.float32)
-    elif path[-1] == "scale":
-      x = np.ones(s.shape, np.float32)
-    else:
-      raise AssertionError(f"unexpected parameter {'/'.join(path)}")
-    out[path] = jnp.asarray(x.astype(dtype))
-  return traverse_util.unflatten_dict(out)
-
-
-_TRUNCATED_NORMAL_STD = 0.87962566103423978
+  return random_params(param_shapes(config), key, dtype, bias_std=0.0, scale_std=0.0)
 
 
 def param_shapes(config: UNetConfig):
