@@ -49,6 +49,7 @@ from PIL import Image
 from lusd_jax import tokenizer as tokenizer_lib
 from lusd_jax import weights
 from lusd_jax.compiler import jit
+from lusd_jax.configs import config_kwargs
 from lusd_jax.models import clip_text, layers
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -64,11 +65,9 @@ class CLIPLoadError(ValueError):
 # ----------------------------------------------------------------------------- configs
 
 
-def _known_fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
-  # CLIP configs carry many bookkeeping keys (generation defaults, init settings, dropouts) that
-  # change nothing at inference; the weight table checks every shape the architecture keys imply.
-  names = {f.name for f in dataclasses.fields(cls)}
-  return {k: v for k, v in d.items() if k in names}
+# CLIPModel configs carry many bookkeeping keys in each tower (generation defaults, init settings,
+# dropouts) that change nothing at inference: unknown keys are dropped, not errors, and the weight
+# table checks every shape the architecture keys imply.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +107,7 @@ class CLIPVisionConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
-    return cls(**_known_fields(cls, d))
+    return cls(**config_kwargs(cls, d, name="vision config", strict=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +124,11 @@ class CLIPConfig:
     text = d.get("text_config") or {}
     vision = d.get("vision_config") or {}
     return cls(
-      text_config=clip_text.CLIPTextConfig.from_dict(_known_fields(clip_text.CLIPTextConfig, text)),
+      text_config=clip_text.CLIPTextConfig(
+        **config_kwargs(
+          clip_text.CLIPTextConfig, text, name="text config", strict=False, convert=clip_text.first_token_id
+        )
+      ),
       vision_config=CLIPVisionConfig.from_dict(vision),
       projection_dim=int(d.get("projection_dim", 512)),
     )

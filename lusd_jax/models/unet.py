@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from lusd_jax import weights
+from lusd_jax.configs import config_kwargs
 from lusd_jax.models.attention import dot_product_attention
 from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm, random_params
 
@@ -90,12 +91,6 @@ _DEFAULT_ONLY: dict[str, Any] = {
 # Keys that hold no weight and change nothing at inference (dropout), or only matter for a feature
 # rejected above (the additional embedding's head count).
 _IGNORED = ("dropout", "addition_embed_type_num_heads")
-
-
-def _tuplify(value):
-  if isinstance(value, list | tuple):
-    return tuple(_tuplify(v) for v in value)
-  return value
 
 
 def _per_block(value, n: int, key: str) -> tuple:
@@ -200,22 +195,7 @@ class UNetConfig:
       ValueError: naming a key this implementation does not know, or does not implement with the
         value given.
     """
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-      if key.startswith("_") or key in _IGNORED:
-        continue
-      value = _tuplify(value)
-      if key in _DEFAULT_ONLY:
-        if value != _DEFAULT_ONLY[key]:
-          raise ValueError(
-            f"UNet config: {key}={value!r} is not supported (only the default {_DEFAULT_ONLY[key]!r})."
-          )
-        continue
-      if key not in fields:
-        raise ValueError(f"UNet config: unknown key {key!r} (value {value!r}).")
-      kwargs[key] = value
-    return cls(**kwargs)
+    return cls(**config_kwargs(cls, d, name="UNet config", ignore=_IGNORED, default_only=_DEFAULT_ONLY))
 
   @classmethod
   def from_json(cls, path: str | os.PathLike) -> UNetConfig:
