@@ -29,8 +29,6 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 
   g = p.add_argument_group("LUSD hyperparameters (default: the paper's values; see --preset)")
   for f in dataclasses.fields(LUSDConfig):
-    if f.name in ("preset",):
-      continue
     default = f.default
     kind = type(default)
     help_text = f.metadata.get("help", "") if f.metadata else ""

@@ -130,11 +130,6 @@ def simpson(y_K, thresholds_K) -> float:
   return float(_simpson(np.asarray(y_K, np.float64), x=np.asarray(thresholds_K, np.float64)))
 
 
-def clip_auc(clip_r_N, thresholds_K=SUCCESS_THRESHOLDS) -> float:
-  """CLIP-AUC: the integral of the success rate over k = 1.00 .. 1.40 (0 <= AUC <= 0.4)."""
-  return simpson(success_rate(clip_r_N, thresholds_K), thresholds_K)
-
-
 def thresholded_means(values_N, clip_r_N, thresholds_K=BACKGROUND_THRESHOLDS) -> np.ndarray:
   """`[K]`: mean of `values` over the edits with CLIP-R > k (NaN values are left out; no edit: NaN)."""
   values_N = np.asarray(values_N, np.float64)

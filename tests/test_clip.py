@@ -13,7 +13,7 @@ from skimage import data
 from lusd_jax import loading, weights
 from lusd_jax import tokenizer as tokenizer_lib
 from lusd_jax.models import clip as clip_lib
-from tests.builders import perturb_
+from tests.builders import perturb_, torch_state_dict
 
 # Two text configs: openai/clip-* configs predate transformers PR #24773 and say eos_token_id=2
 # (pooling = argmax of the ids); newer ones name the real end-of-text id (first match).
@@ -98,7 +98,7 @@ def test_embeddings_match_transformers(tiny_clip):
 def test_every_checkpoint_key_fills_one_param(tiny_clip):
   ref, folder = tiny_clip
   config = clip_lib.CLIPConfig.from_json(os.path.join(folder, "config.json"))
-  state = weights.torch_module_state_dict(ref)
+  state = torch_state_dict(ref)
   params = clip_lib.params_from_torch(state, config)
   flat = weights.flax_shapes_of(params)
   assert flat == weights.flax_shapes_of(clip_lib.param_shapes(config))

@@ -339,17 +339,6 @@ def encode_mean(params, config: VAEConfig, x_BHWC, *, dtype=jnp.float32):
   return encode_moments(params, config, x_BHWC, dtype=dtype)[0]
 
 
-def encode_sample(params, config: VAEConfig, x_BHWC, key: jax.Array, *, dtype=jnp.float32):
-  """A posterior sample `mean + exp(0.5 * logvar) * N(0, 1)` (unscaled), i.e. `latent_dist.sample()`.
-
-  Args:
-    key: PRNG key for the Gaussian noise (same shape as the mean).
-  """
-  mean_BhwC, logvar_BhwC = encode_moments(params, config, x_BHWC, dtype=dtype)
-  noise_BhwC = jax.random.normal(key, mean_BhwC.shape, mean_BhwC.dtype)
-  return mean_BhwC + jnp.exp(0.5 * logvar_BhwC) * noise_BhwC
-
-
 @_jit
 def decode(params, config: VAEConfig, z_BhwC, *, dtype=jnp.float32):
   """Unscaled latents `[B, h, w, latent_channels]` -> images `[B, 8h, 8w, out_channels]`."""
