@@ -108,7 +108,7 @@ def random_params(
 
   Drawn leaf by leaf, in tree order, with numpy: no XLA program is compiled (Flax's initialisers
   compile one RNG kernel per parameter, a minute on CPU even for a tiny VAE) and the peak memory is
-  the params themselves (one float32 draw for SD1.5's U-Net peaked at 13 GiB of temporaries).
+  the params themselves (one `jax.random` draw for all of SD1.5's U-Net peaked at 13 GiB of RSS).
 
   Args:
     shapes: the param tree as `jax.ShapeDtypeStruct`s (a model's `param_shapes`).
@@ -121,8 +121,8 @@ def random_params(
   Returns:
     The tree of `shapes` with `jnp` arrays of `dtype`.
   """
-  if not isinstance(key, int):
-    key = np.asarray(jax.random.key_data(key)).ravel().tolist()
+  if not isinstance(key, int | np.integer):
+    key = np.asarray(jax.random.key_data(key)).ravel().tolist()  # the key's bits seed numpy
   rng = np.random.default_rng(key)
   gains = dict(kernel_gain or {})
 
