@@ -52,15 +52,16 @@ def _top_level_imports(path: pathlib.Path) -> set[str]:
 
 
 def test_version_has_one_source():
-  from setuptools.config.pyprojecttoml import read_configuration
+  import tomllib
 
   import lusd_jax
   from lusd_jax import pipeline, version
 
-  # setuptools computes the distribution's version from lusd_jax/version.py, as `pip install` would.
-  project = read_configuration(PACKAGE.parent / "pyproject.toml")["project"]
-  assert "version" in project["dynamic"]
-  assert project["version"] == version.__version__ == lusd_jax.__version__
+  # pyproject's version is lusd_jax/version.py's (setuptools reads the attribute when building).
+  pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+  assert "version" in pyproject["project"]["dynamic"] and "version" not in pyproject["project"]
+  assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lusd_jax.version.__version__"}
+  assert version.__version__ == lusd_jax.__version__
   # The pipeline reads it at import (no lazy import hiding a cycle through the package root).
   assert "lusd_jax.version.__version__" in _top_level_imports(PACKAGE / "pipeline.py")
   assert pipeline.__version__ is version.__version__
