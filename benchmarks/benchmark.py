@@ -119,29 +119,10 @@ def _peak_memory_mib(device) -> tuple[float, str]:
 
 
 def _random_params(config, dtype):
-  """LeCun-normal kernels, zero biases, unit scales, drawn leaf by leaf in numpy.
-
-  `unet.init_params` draws every kernel in one float32 program whose temporaries peak at several
-  times the params (13 GiB of RSS for SD1.5); speed does not depend on the values, memory does.
-  """
-  import math
-
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import traverse_util
-
+  """`unet.init_params` (numpy draws leaf by leaf: the peak memory is the params themselves)."""
   from lusd_jax.models import unet
 
-  rng = np.random.default_rng(0)
-  out = {}
-  for path, s in traverse_util.flatten_dict(unet.param_shapes(config)).items():
-    if path[-1] == "kernel":
-      x = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(math.prod(s.shape[:-1]) ** -0.5)
-    else:
-      x = (np.zeros if path[-1] == "bias" else np.ones)(s.shape, np.float32)
-    out[path] = jax.device_put(jnp.asarray(x, dtype))
-  return traverse_util.unflatten_dict(out)
+  return unet.init_params(config, 0, dtype)
 
 
 def _timed(fn, repeats: int) -> list[float]:

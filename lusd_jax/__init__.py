@@ -4,13 +4,12 @@ model = lusd_jax.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
 res = lusd_jax.edit(model, "cat.png", "a cat", "a cat wearing a party hat", seeds=[0, 1, 2])
 """
 
-__version__ = "0.1.0"
-
-from lusd_jax import prompts  # noqa: E402
-from lusd_jax.loading import ModelLoadError, SDModel, load_model  # noqa: E402
-from lusd_jax.lusd.config import LUSDConfig  # noqa: E402
-from lusd_jax.pipeline import EditJob, EditResult, edit, edit_many  # noqa: E402
-from lusd_jax.sweeps import SweepResult, sweep  # noqa: E402
+from lusd_jax import prompts
+from lusd_jax.loading import ModelLoadError, SDModel, load_model
+from lusd_jax.lusd.config import LUSDConfig
+from lusd_jax.pipeline import EditJob, EditResult, edit, edit_many
+from lusd_jax.sweeps import SweepResult, sweep
+from lusd_jax.version import __version__
 
 __all__ = [
   "EditJob",
@@ -19,6 +18,7 @@ __all__ = [
   "ModelLoadError",
   "SDModel",
   "SweepResult",
+  "__version__",
   "edit",
   "edit_many",
   "load_model",

@@ -61,20 +61,27 @@ import csv
 import dataclasses
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image
 
-from lusd_jax.io import InputError, check_output_dir, check_seeds
+from lusd_jax.io import (
+  INDEX_FILE,
+  InputError,
+  check_output_dir,
+  check_seeds,
+  image_path_candidates,
+  parse_output_name,
+  read_index_records,
+)
 
 SUCCESS_THRESHOLDS = 1.0 + 0.01 * np.arange(41)  # k = 1.00 .. 1.40 (CLIP-AUC)
 BACKGROUND_THRESHOLDS = SUCCESS_THRESHOLDS[:23]  # k = 1.00 .. 1.22 (L1*, CLIP-I*)
 CATEGORIES = ("all", "add", "other")
-RESULT_NAME = re.compile(r"^(\d+)_seed(\d+)\.png$")
 
 
 class DatasetError(InputError):
@@ -120,11 +127,6 @@ def simpson(y_K, thresholds_K) -> float:
   from scipy.integrate import simpson as _simpson
 
   return float(_simpson(np.asarray(y_K, np.float64), x=np.asarray(thresholds_K, np.float64)))
-
-
-def clip_auc(clip_r_N, thresholds_K=SUCCESS_THRESHOLDS) -> float:
-  """CLIP-AUC: the integral of the success rate over k = 1.00 .. 1.40 (0 <= AUC <= 0.4)."""
-  return simpson(success_rate(clip_r_N, thresholds_K), thresholds_K)
 
 
 def thresholded_means(values_N, clip_r_N, thresholds_K=BACKGROUND_THRESHOLDS) -> np.ndarray:
@@ -179,57 +181,46 @@ class EditExample:
 
 
 def load_dataset(dataset_dir: str | os.PathLike) -> list[EditExample]:
-  """Reads `dataset_dir/index.csv` (layout in this module's docstring).
+  """Reads `dataset_dir/index.csv` (layout in this module's docstring) with `io.read_index_records`.
 
   Raises:
     DatasetError: naming the file, the row and the column when something is missing.
   """
   dataset_dir = os.fspath(dataset_dir)
-  index = os.path.join(dataset_dir, "index.csv")
+  index = os.path.join(dataset_dir, INDEX_FILE)
   if not os.path.isfile(index):
     raise DatasetError(f"missing file {index} (a dataset folder holds index.csv and the images it names)")
-  with open(index, newline="", encoding="utf-8-sig") as f:  # with or without a BOM, as `lusd-jax batch`
-    reader = csv.DictReader(f)
-    reader.fieldnames = [(name or "").strip() for name in reader.fieldnames or []]
-    columns = set(reader.fieldnames)
-    rows = list(reader)
-  for required in ("img_path", "target_prompt"):
-    if required not in columns:
-      raise DatasetError(f"{index}: missing column '{required}' (columns: {', '.join(sorted(columns))})")
-  if not rows:
-    raise DatasetError(f"{index}: no rows")
+  try:
+    records = read_index_records(index, ("img_path", "target_prompt"))
+  except InputError as e:
+    raise DatasetError(str(e)) from None
 
   def resolve(path: str, row: int, column: str) -> str:
     # `lusd-jax batch`'s rule: images/<path> (the official layout), else <path> beside index.csv.
-    path = os.path.expanduser(path)
-    candidates = (
-      [path]
-      if os.path.isabs(path)
-      else [os.path.join(dataset_dir, "images", path), os.path.join(dataset_dir, path)]
-    )
+    candidates = image_path_candidates(Path(dataset_dir), path)
     for full in candidates:
-      if os.path.isfile(full):
-        return full
+      if full.is_file():
+        return str(full)
     raise DatasetError(
-      f"{index}: row {row}: {column} '{path}' does not exist (looked for {' and '.join(candidates)})"
+      f"{index}: row {row}: {column} '{path}' does not exist (looked for {' and '.join(map(str, candidates))})"
     )
 
   examples = []
-  for i, r in enumerate(rows):
-    get = lambda key, r=r: (r.get(key) or "").strip()
+  for r in records:
+    get = r.fields.__getitem__
     if not get("img_path"):
-      raise DatasetError(f"{index}: row {i}: empty img_path")
+      raise DatasetError(f"{index}: row {r.row}: empty img_path")
     target = get("target_prompt")
     examples.append(
       EditExample(
-        row=i,
-        source_path=resolve(get("img_path"), i, "img_path"),
+        row=r.row,
+        source_path=resolve(get("img_path"), r.row, "img_path"),
         source_prompt=get("source_prompt"),
         target_prompt=target,
         global_source_prompt=get("global_source_prompt"),
         global_target_prompt=get("global_target_prompt") or target,
         local_prompt=get("local_prompt") or target,
-        gt_path=resolve(get("gt_path"), i, "gt_path") if get("gt_path") else None,
+        gt_path=resolve(get("gt_path"), r.row, "gt_path") if get("gt_path") else None,
         category=get("category"),
       )
     )
@@ -237,7 +228,7 @@ def load_dataset(dataset_dir: str | os.PathLike) -> list[EditExample]:
 
 
 def scan_results(results_dir: str | os.PathLike) -> dict[int, dict[int, str]]:
-  """`{row: {seed: path}}` of the `{row:03d}_seed{seed}.png` files in a `lusd-jax batch` folder."""
+  """`{row: {seed: path}}` of the `{row:03d}_seed{seed}.png` files (`io.output_name`) in a batch folder."""
   results_dir = os.fspath(results_dir)
   if not os.path.isdir(results_dir):
     raise DatasetError(f"results folder {results_dir} does not exist")
@@ -247,9 +238,10 @@ def scan_results(results_dir: str | os.PathLike) -> dict[int, dict[int, str]]:
     raise DatasetError(f"cannot read results folder {results_dir} ({e.strerror or e})") from None
   found: dict[int, dict[int, str]] = {}
   for name in names:
-    m = RESULT_NAME.match(name)
-    if m:
-      found.setdefault(int(m.group(1)), {})[int(m.group(2))] = os.path.join(results_dir, name)
+    parsed = parse_output_name(name)
+    if parsed:
+      row, seed = parsed
+      found.setdefault(row, {})[seed] = os.path.join(results_dir, name)
   return found
 
 
@@ -510,7 +502,7 @@ def _no_results_error(
       f"{other_rows} result images are for rows beyond the {num_rows} rows of --dataset's index.csv"
     )
   pngs = sum(
-    1 for d in results_dirs for n in os.listdir(d) if n.lower().endswith(".png") and not RESULT_NAME.match(n)
+    1 for d in results_dirs for n in os.listdir(d) if n.lower().endswith(".png") and not parse_output_name(n)
   )
   if pngs:
     hints.append(f"{pngs} .png files with other names")
@@ -601,7 +593,7 @@ def run_eval(
   Args:
     results_dirs: one folder or a list (compared side by side).
     dataset_dir: dataset folder (index.csv layout in this module's docstring).
-    clip_model: a `CLIP` (`lusd_jax.models.clip`), or what `load_clip` takes (folder, hub id, "tiny-random").
+    clip_model: a `CLIP` (`lusd_jax.models.clip`), or what `loading.load_clip` takes (folder, hub id, "tiny-random").
     out_dir: where per_example.csv, summary.csv, summary.md, success_rate.csv / .png are written.
     seed: which result image per row: None (smallest seed present), an int, or "all".
     names: method names for the tables (default: the folder names).
@@ -620,7 +612,7 @@ def run_eval(
   Example:
     >>> report = run_eval(["out/lusd"], "magicbrush_test", "openai/clip-vit-base-patch32", "eval")
   """
-  from lusd_jax.models import clip as clip_lib
+  from lusd_jax import loading  # jax and the models load only when a run needs them
 
   log = log or (lambda msg: print(msg, file=sys.stderr))
   if isinstance(results_dirs, str | os.PathLike):
@@ -630,7 +622,7 @@ def run_eval(
   examples, selections = _check_and_select(
     results_dirs, os.fspath(dataset_dir), os.fspath(out_dir), seed, names, log
   )
-  clip = clip_model if hasattr(clip_model, "embed_texts") else clip_lib.load_clip(clip_model)
+  clip = clip_model if hasattr(clip_model, "embed_texts") else loading.load_clip(clip_model)
   embedders = {"clip": clip, **dict(extra_embedders or {})}
 
   log(f"eval: embedding {len(examples)} dataset rows with CLIP {getattr(clip, 'name', '')}")

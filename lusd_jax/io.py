@@ -32,8 +32,17 @@ SIZE_MULTIPLE = 64
 
 INDEX_FILE = "index.csv"
 IMAGES_DIR = "images"
-REQUIRED_COLUMNS = ("img_path", "source_prompt", "target_prompt")
-OPTIONAL_COLUMNS = ("edit_words",)
+REQUIRED_COLUMNS = ("img_path", "source_prompt", "target_prompt")  # of a batch (`read_index`)
+# Every column any reader uses: the batch's, then the evaluation's (`evaluation.load_dataset`).
+INDEX_COLUMNS = (
+  *REQUIRED_COLUMNS,
+  "edit_words",
+  "global_source_prompt",
+  "global_target_prompt",
+  "local_prompt",
+  "gt_path",
+  "category",
+)
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -516,22 +525,22 @@ class BatchRow(NamedTuple):
   problem: str | None = None
 
 
-def _resolve_image_path(input_dir: Path, name: str) -> Path:
-  """`images/<name>` as the official layout, else `<name>` beside index.csv, else absolute."""
+def image_path_candidates(input_dir: Path, name: str) -> list[Path]:
+  """Where an index.csv path may be, in order: `images/<name>` (the official layout), `<name>`
+  beside index.csv; an absolute path (after `~` expansion) is itself only."""
   p = Path(name).expanduser()
   if p.is_absolute():
-    return p
-  in_images = input_dir / IMAGES_DIR / p
-  if in_images.exists():
-    return in_images
-  beside = input_dir / p
-  if beside.exists():
-    return beside
-  # Neither exists: report the official location in the eventual "image not found" error.
-  return in_images
+    return [p]
+  return [input_dir / IMAGES_DIR / p, input_dir / p]
 
 
-def _row_problem(fields: dict, extra: list | None, csv_path: Path, line: int) -> str | None:
+def _resolve_image_path(input_dir: Path, name: str) -> Path:
+  """The first of `image_path_candidates` that exists, else the first (named in "not found" errors)."""
+  candidates = image_path_candidates(input_dir, name)
+  return next((c for c in candidates if c.exists()), candidates[0])
+
+
+def _row_problem(fields: dict, extra: Sequence[str], csv_path: Path, line: int) -> str | None:
   """Describes what makes one CSV row unusable, or None."""
   if extra:
     return f"{csv_path} line {line}: more fields than columns (quote prompts that contain commas)"
@@ -542,12 +551,71 @@ def _row_problem(fields: dict, extra: list | None, csv_path: Path, line: int) ->
   return None
 
 
+class IndexRecord(NamedTuple):
+  """One data row of an index.csv, as read: every `INDEX_COLUMNS` value, no meaning attached yet."""
+
+  row: int  # 0-based data-row index (blank lines skipped)
+  line: int  # line in index.csv where the row ends, for messages
+  fields: dict[str, str]  # each of INDEX_COLUMNS, stripped; "" when the column is absent or empty
+  extra: tuple[str, ...]  # fields beyond the header (an unquoted comma in a prompt)
+
+
+def read_index_records(csv_path: str | os.PathLike, required: Sequence[str]) -> list[IndexRecord]:
+  """Reads an index.csv: the one parser of the batch input and the evaluation dataset.
+
+  The file is read with the `csv` module as UTF-8 with or without a BOM (as Excel writes it);
+  header names and values are stripped of surrounding spaces; columns come in any order, and
+  columns outside `INDEX_COLUMNS` are ignored. Rows are returned as read (checking them is the
+  caller's job).
+
+  Args:
+    csv_path: the index.csv file (it must exist).
+    required: columns the header must have.
+
+  Returns:
+    One `IndexRecord` per data row, in file order.
+
+  Raises:
+    InputError: naming the file: not UTF-8, malformed CSV, empty (no header), a required column
+      missing, or no data rows.
+  """
+  csv_path = Path(csv_path)
+  try:
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+      reader = csv.DictReader(f)
+      if not reader.fieldnames:
+        raise InputError(f"{csv_path} is empty; expected a header line {','.join(required)}")
+      # Tolerate "img_path, source_prompt" style headers.
+      reader.fieldnames = [(name or "").strip() for name in reader.fieldnames]
+      for column in required:
+        if column not in reader.fieldnames:
+          raise InputError(
+            f"{csv_path}: missing column '{column}' (header must include {','.join(required)})"
+          )
+      # Short rows give None for the missing fields; extra fields land under the key None.
+      records = [
+        IndexRecord(
+          row=i,
+          line=reader.line_num,
+          fields={c: (record.get(c) or "").strip() for c in INDEX_COLUMNS},
+          extra=tuple(record.get(None) or ()),
+        )
+        for i, record in enumerate(reader)
+      ]
+  except UnicodeDecodeError as e:
+    raise InputError(f"{csv_path} is not valid UTF-8 text (byte {e.start})") from e
+  except csv.Error as e:
+    raise InputError(f"{csv_path}: malformed CSV ({e})") from e
+  if not records:
+    raise InputError(f"{csv_path} has a header but no rows")
+  return records
+
+
 def read_index(input_dir: str | os.PathLike) -> list[BatchRow]:
   """Reads a batch folder in the official LUSD format.
 
   `index.csv` has a header with `img_path,source_prompt,target_prompt` and optionally
-  `edit_words`, in any order; extra columns are ignored. It is read with the `csv` module as
-  UTF-8 with or without a BOM (as Excel writes it). Values are stripped of surrounding spaces.
+  `edit_words`, in any order; extra columns are ignored. It is read by `read_index_records`.
 
   Args:
     input_dir: folder holding `index.csv` and usually `images/`.
@@ -565,52 +633,33 @@ def read_index(input_dir: str | os.PathLike) -> list[BatchRow]:
   csv_path = input_dir / INDEX_FILE
   if not csv_path.is_file():
     raise InputError(f"{INDEX_FILE} not found in {input_dir} (expected {csv_path})")
-  try:
-    with open(csv_path, encoding="utf-8-sig", newline="") as f:
-      rows = _parse_index(csv.DictReader(f), input_dir, csv_path)
-  except UnicodeDecodeError as e:
-    raise InputError(f"{csv_path} is not valid UTF-8 text (byte {e.start})") from e
-  except csv.Error as e:
-    raise InputError(f"{csv_path}: malformed CSV ({e})") from e
-  if not rows:
-    raise InputError(f"{csv_path} has a header but no rows")
-  return rows
-
-
-def _parse_index(reader: csv.DictReader, input_dir: Path, csv_path: Path) -> list[BatchRow]:
-  """Checks the header and turns CSV records into `BatchRow`s."""
-  if not reader.fieldnames:
-    raise InputError(f"{csv_path} is empty; expected a header line {','.join(REQUIRED_COLUMNS)}")
-  # Tolerate "img_path, source_prompt" style headers.
-  reader.fieldnames = [(name or "").strip() for name in reader.fieldnames]
-  for column in REQUIRED_COLUMNS:
-    if column not in reader.fieldnames:
-      raise InputError(
-        f"{csv_path}: missing column '{column}' (header must include {','.join(REQUIRED_COLUMNS)})"
-      )
-  has_words = "edit_words" in reader.fieldnames
-  rows = []
-  for i, record in enumerate(reader):
-    # Short rows give None for the missing fields; extra fields land under the key None.
-    fields = {c: (record.get(c) or "").strip() for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}
-    words = fields["edit_words"] if has_words else ""
-    rows.append(
-      BatchRow(
-        row=i,
-        line=reader.line_num,
-        img_path=_resolve_image_path(input_dir, fields["img_path"]),
-        source_prompt=fields["source_prompt"],
-        target_prompt=fields["target_prompt"],
-        edit_words=words or None,
-        problem=_row_problem(fields, record.get(None), csv_path, reader.line_num),
-      )
+  return [
+    BatchRow(
+      row=r.row,
+      line=r.line,
+      img_path=_resolve_image_path(input_dir, r.fields["img_path"]),
+      source_prompt=r.fields["source_prompt"],
+      target_prompt=r.fields["target_prompt"],
+      edit_words=r.fields["edit_words"] or None,
+      problem=_row_problem(r.fields, r.extra, csv_path, r.line),
     )
-  return rows
+    for r in read_index_records(csv_path, REQUIRED_COLUMNS)
+  ]
 
 
 def output_name(row: int, seed: int) -> str:
   """File name of one edited image, as the official code: `{row:03d}_seed{seed}.png`."""
   return f"{row:03d}_seed{seed}.png"
+
+
+# `output_name`'s inverse; the row may have fewer or more than 3 digits (the official code's files).
+_OUTPUT_NAME = re.compile(r"([0-9]+)_seed([0-9]+)\.png")
+
+
+def parse_output_name(name: str) -> tuple[int, int] | None:
+  """(row, seed) of an `output_name` file name (`"007_seed1.png"` -> (7, 1)); None for other names."""
+  m = _OUTPUT_NAME.fullmatch(name)
+  return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def seed_record_name(row: int, seed: int) -> str:

@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from lusd_jax import schedule as schedule_lib
 from lusd_jax import tokenizer as tokenizer_lib
+from lusd_jax.models import clip as clip_lib
 from lusd_jax.models import clip_text, unet, vae
 from lusd_jax.weights import WeightsError
 
@@ -368,7 +369,7 @@ def load_model(
   """Loads Stable Diffusion 1.x / 2.x for editing.
 
   Args:
-    path_or_repo_id: a local diffusers folder, a folder written by `convert/` (has `lusd_jax.json`),
+    path_or_repo_id: a local diffusers folder, a folder written by `lusd_jax.convert` (has `lusd_jax.json`),
       a Hugging Face repo id (downloaded with `huggingface_hub` when a network is there), or
       "tiny-random" (a tiny random-weight model built in memory, for trying the tool).
     dtype: the dtype policy (`DTYPE_POLICIES`): "float32", "bfloat16" or "float16" for the params
@@ -398,7 +399,7 @@ def load_model(
   if os.path.exists(path):
     raise ModelLoadError(
       f"{path} is a file; pass a diffusers folder, or convert a single-file checkpoint first "
-      "(python -m convert.convert_checkpoint --help)."
+      "(lusd-jax convert --help)."
     )
   local = _download(path_or_repo_id, revision, _HUB_PATTERNS)
   model = load_diffusers_folder(local, dtype)
@@ -481,3 +482,90 @@ def load_model_head(path_or_repo_id: str = DEFAULT_MODEL, *, revision: str | Non
         f"missing folder {os.path.join(path, sub)} (expected a diffusers Stable Diffusion folder)"
       )
   return ModelHead(path_or_repo_id, _load_tokenizer(path), _load_schedule(path), False)
+
+
+# ----------------------------------------------------------------------------- CLIP (evaluation)
+
+# The evaluator's CLIP is read here, beside the Stable Diffusion files, so that `models/clip.py`
+# imports no loader (models sit below loading); it turns what is read into a model.
+CLIPLoadError = clip_lib.CLIPLoadError
+DEFAULT_CLIP = clip_lib.DEFAULT_CLIP
+
+
+def load_clip_folder(folder: str | os.PathLike, name: str | None = None) -> clip_lib.CLIP:
+  """Loads a transformers `CLIPModel` folder (`config.json`, `model.safetensors`, tokenizer files).
+
+  The tokenizer comes from the folder's `vocab.json` / `merges.txt`, else the bundled CLIP BPE.
+
+  Raises:
+    CLIPLoadError: naming the missing file or the key that does not fit.
+  """
+  folder = os.fspath(folder)
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(config_path):
+    raise CLIPLoadError(f"missing file {config_path} (expected a transformers CLIPModel folder)")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      raw = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CLIPLoadError(f"{config_path} is not valid JSON: {e}") from None
+  if raw.get("model_type", "clip") != "clip":  # before reading (maybe gigabytes of) weights
+    raise CLIPLoadError(f"{config_path}: model_type {raw.get('model_type')!r} is not a CLIPModel ('clip').")
+  try:
+    state_dict, source = read_state_dict(folder, "model")
+  except ModelLoadError as e:
+    raise CLIPLoadError(str(e)) from None
+  has_vocab = all(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt"))
+  tok = tokenizer_lib.load_tokenizer(folder) if has_vocab else tokenizer_lib.bundled_tokenizer()
+  return clip_lib.clip_from_state_dict(
+    raw, state_dict, tok, name or folder, config_source=config_path, source=source
+  )
+
+
+def load_clip(path_or_repo_id: str = DEFAULT_CLIP, *, revision: str | None = None) -> clip_lib.CLIP:
+  """Loads CLIP for the evaluation metrics.
+
+  Args:
+    path_or_repo_id: a local transformers `CLIPModel` folder, a Hugging Face repo id (downloaded with
+      `huggingface_hub` when a network is there; default OpenAI's ViT-B/32), or "tiny-random".
+    revision: hub revision, for repo ids.
+
+  Returns:
+    `CLIP` (`lusd_jax.models.clip`) with `embed_images` / `embed_texts`.
+
+  Raises:
+    CLIPLoadError: naming the missing folder / file / key.
+
+  Example:
+    >>> clip = load_clip("openai/clip-vit-base-patch32")
+    >>> clip.embed_texts(["a photo of a cat"]).shape  # (1, 512)
+  """
+  if path_or_repo_id == clip_lib.TINY_RANDOM:
+    return clip_lib.tiny_random_clip()
+  path = os.path.expanduser(os.fspath(path_or_repo_id))
+  if os.path.isdir(path):
+    return load_clip_folder(path)
+  if os.path.exists(path) or not _looks_like_repo_id(path_or_repo_id):
+    raise CLIPLoadError(
+      f"CLIP model {path_or_repo_id!r}: not a transformers CLIPModel folder, and not a Hugging Face repo id (owner/name)."
+    )
+  try:
+    from huggingface_hub import snapshot_download
+
+    files = ["config.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
+    local = snapshot_download(
+      path_or_repo_id, revision=revision, allow_patterns=[*files, "model.safetensors"]
+    )
+    if not os.path.isfile(os.path.join(local, "model.safetensors")):
+      # Older repos hold only PyTorch pickles (reading them needs torch).
+      local = snapshot_download(
+        path_or_repo_id, revision=revision, allow_patterns=[*files, "pytorch_model.bin"]
+      )
+  except Exception as e:  # noqa: BLE001 - network, auth, unknown repo: one clear line
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise CLIPLoadError(
+      f"CLIP model {path_or_repo_id!r}: not a local folder, and downloading it from the Hugging Face hub failed "
+      f"({type(e).__name__}: {first}). Pass a local CLIPModel folder (config.json + model.safetensors), or "
+      "--clip tiny-random to try the evaluator."
+    ) from None
+  return load_clip_folder(local, name=path_or_repo_id)

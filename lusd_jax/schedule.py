@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lusd_jax.configs import config_kwargs
+
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -70,8 +72,7 @@ class Schedule:
       raise ValueError("trained_betas is not supported: use a beta_schedule (scaled_linear or linear)")
     if config.get("rescale_betas_zero_snr", False):
       raise ValueError("rescale_betas_zero_snr is not supported")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in fields})
+    return cls(**config_kwargs(cls, config, name="scheduler config", strict=False))
 
   @classmethod
   def from_json(cls, path: str | os.PathLike) -> Schedule:

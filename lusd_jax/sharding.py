@@ -133,24 +133,3 @@ def to_host(tree: Any) -> Any:
     return np.asarray(x)
 
   return jax.tree.map(get, tree)
-
-
-def device_batches(items: Sequence[T], num_devices: int, per_device: int = 1) -> list[list[T]]:
-  """Groups work items (e.g. `lusd-jax batch` rows x seeds) into batches of one program call each.
-
-  Each group holds `num_devices * per_device` consecutive items (the last may hold fewer: pass
-  `batch_size=num_devices * per_device` to `optimize_batch` so it pads and reuses the program).
-  Inside a call, item i of the group runs on device i // per_device.
-
-  Args:
-    items: the work items, in order.
-    num_devices: devices of the mesh (`num_devices(mesh)`).
-    per_device: items per device per call.
-
-  Returns:
-    The groups, in order; every item appears exactly once.
-  """
-  if num_devices < 1 or per_device < 1:
-    raise ValueError(f"num_devices and per_device must be >= 1, got {num_devices}, {per_device}")
-  size = num_devices * per_device
-  return [list(items[i : i + size]) for i in range(0, len(items), size)]

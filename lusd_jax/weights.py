@@ -187,11 +187,6 @@ def convert_state_dict(
   return traverse_util.unflatten_dict(flat)
 
 
-def torch_module_state_dict(module) -> dict[str, np.ndarray]:
-  """A PyTorch module's state dict as float32 numpy arrays (for tests and `convert/`)."""
-  return {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
-
-
 _LEGACY_VAE_ATTENTION = [
   (re.compile(r"\.query\.(weight|bias)$"), r".to_q.\1"),
   (re.compile(r"\.key\.(weight|bias)$"), r".to_k.\1"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import torch
 
 from lusd_jax import tokenizer as tok
@@ -41,6 +42,11 @@ SD15_UNET = dict(
 TINY_SD2_TEXT = dict(
   TINY_SD1_TEXT, hidden_size=48, intermediate_size=96, num_attention_heads=6, hidden_act="gelu"
 )
+
+
+def torch_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
+  """A PyTorch module's state dict as float32 numpy arrays (what `params_from_torch` takes)."""
+  return {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
 
 
 def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from skimage import data
 
+from lusd_jax import loading, weights
 from lusd_jax import tokenizer as tokenizer_lib
-from lusd_jax import weights
 from lusd_jax.models import clip as clip_lib
-from tests.builders import perturb_
+from tests.builders import perturb_, torch_state_dict
 
 # Two text configs: openai/clip-* configs predate transformers PR #24773 and say eos_token_id=2
 # (pooling = argmax of the ids); newer ones name the real end-of-text id (first match).
@@ -66,7 +66,7 @@ def tiny_clip(request, tmp_path_factory):
 
 def test_embeddings_match_transformers(tiny_clip):
   ref, folder = tiny_clip
-  model = clip_lib.load_clip(folder)
+  model = loading.load_clip(folder)
   # The folder has no vocab.json: the bundled CLIP tokenizer is used.
   assert model.tokenizer("a cat")["input_ids"] == [49406, 320, 2368, 49407]
 
@@ -98,7 +98,7 @@ def test_embeddings_match_transformers(tiny_clip):
 def test_every_checkpoint_key_fills_one_param(tiny_clip):
   ref, folder = tiny_clip
   config = clip_lib.CLIPConfig.from_json(os.path.join(folder, "config.json"))
-  state = weights.torch_module_state_dict(ref)
+  state = torch_state_dict(ref)
   params = clip_lib.params_from_torch(state, config)
   flat = weights.flax_shapes_of(params)
   assert flat == weights.flax_shapes_of(clip_lib.param_shapes(config))
@@ -158,12 +158,12 @@ def test_tiny_random_clip_has_no_constant_param():
 def test_load_errors_name_the_problem(tmp_path, tiny_clip):
   _, folder = tiny_clip
   with pytest.raises(clip_lib.CLIPLoadError, match="config.json"):
-    clip_lib.load_clip(str(tmp_path))
+    loading.load_clip(str(tmp_path))
   (tmp_path / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
   with pytest.raises(clip_lib.CLIPLoadError, match="no weights"):
-    clip_lib.load_clip(str(tmp_path))
+    loading.load_clip(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
   with pytest.raises(clip_lib.CLIPLoadError, match="not a CLIPModel"):
-    clip_lib.load_clip(str(tmp_path))
+    loading.load_clip(str(tmp_path))
   with pytest.raises(clip_lib.CLIPLoadError, match="not a transformers CLIPModel folder"):
-    clip_lib.load_clip("no/such/clip/folder")
+    loading.load_clip("no/such/clip/folder")

@@ -35,7 +35,7 @@ class Encoder:
   def __init__(self, style):
     self.torch = builders.tiny_text_encoder(style, seed=0 if style == "sd1" else 1)
     self.config = clip_text.CLIPTextConfig.from_dict(self.torch.config.to_dict())
-    self.state_dict = weights.torch_module_state_dict(self.torch)
+    self.state_dict = builders.torch_state_dict(self.torch)
     self.params = clip_text.params_from_torch(self.state_dict, self.config)
 
   def reference(self, ids_BL):

@@ -38,6 +38,29 @@ def test_options_leave_xla_alone(xla_flags, defaults, monkeypatch):
   assert compiler.compiler_options(xla_flags=xla_flags, defaults=defaults) == {}
 
 
+def test_private_jax_names_still_work():
+  """Fails (never skips) when a jaxlib upgrade moves the private names this module reads.
+
+  `default_ynn_fusion_types` and `_top_level` fall back quietly in the library (XLA's defaults,
+  plain jit); here they must read real values on the jaxlib pinned in constraints.txt.
+  """
+  from jax._src import core
+  from jax._src.lib import _jax
+
+  assert callable(core.trace_state_clean) and hasattr(_jax, "CompileOptions")
+  defaults = compiler.default_ynn_fusion_types()
+  assert isinstance(defaults, tuple) and defaults, f"no {compiler.YNN_FUSION_OPTION} in XLA's debug options"
+  assert CONV in defaults, defaults  # the option still has something to drop: re-measure if not
+  if "XLA_FLAGS" not in os.environ or compiler.YNN_FUSION_OPTION not in os.environ["XLA_FLAGS"]:
+    assert compiler.COMPILER_OPTIONS == {
+      compiler.YNN_FUSION_OPTION: ",".join(t for t in defaults if t != CONV)
+    }
+  seen = []
+  assert compiler._top_level()
+  jax.jit(lambda x: seen.append(compiler._top_level()) or x)(1.0)
+  assert seen == [False]
+
+
 def test_a_user_choice_in_xla_flags_wins():
   """With the flag in XLA_FLAGS at start-up, XLA reads the user's list and lusd-jax adds no option."""
   code = (

@@ -18,6 +18,7 @@ from lusd_jax import engine
 from lusd_jax import schedule as schedule_lib
 from lusd_jax.lusd import core
 from lusd_jax.lusd.config import LUSDConfig, stack_numeric
+from lusd_jax.models import layers
 from lusd_jax.models import unet as unet_lib
 from tests import builders
 from tests import lusd_reference as ref
@@ -33,21 +34,11 @@ UNET = core.FlaxUNet(unet_lib.UNetConfig.from_dict(builders.TINY_SD1_UNET))
 
 
 def random_params(config, seed):
-  """Random U-Net params from the param shapes (numpy: much faster than an eager Flax init)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape):
-    name = path[-1].key
-    if name == "kernel":
-      # Larger query/key weights sharpen the attention maps (near-uniform maps would leave the
-      # min-max-normalized mask at the mercy of float32 rounding).
-      gain = 1.5 if path[-2].key in ("to_q", "to_k") else 1.0
-      return gain * rng.standard_normal(shape.shape, np.float32) / np.sqrt(np.prod(shape.shape[:-1]))
-    if name == "scale":
-      return 1.0 + 0.1 * rng.standard_normal(shape.shape, np.float32)
-    return 0.1 * rng.standard_normal(shape.shape, np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, unet_lib.param_shapes(config))
+  """Random U-Net params; larger query/key weights sharpen the attention maps (near-uniform maps
+  would leave the min-max-normalized mask at the mercy of float32 rounding)."""
+  return layers.random_params(
+    unet_lib.param_shapes(config), seed, bias_std=0.1, scale_std=0.1, kernel_gain={"to_q": 1.5, "to_k": 1.5}
+  )
 
 
 def edit_mask(index):

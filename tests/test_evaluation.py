@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 from skimage import data
 
-from lusd_jax import cli
+from lusd_jax import cli, loading
 from lusd_jax import evaluation as ev
 from lusd_jax.models import clip as clip_lib
 
@@ -41,6 +41,11 @@ def test_thresholds():
   np.testing.assert_allclose(ev.BACKGROUND_THRESHOLDS[-1], 1.22, atol=1e-12)
 
 
+def clip_auc(clip_r_N):
+  """CLIP-AUC as `summarize` computes it: Simpson's integral of s(k) over k = 1.00 .. 1.40."""
+  return ev.simpson(ev.success_rate(clip_r_N), ev.SUCCESS_THRESHOLDS)
+
+
 def test_success_rate_and_clip_auc_by_hand():
   clip_r = [1.005, 1.105, 1.295, math.nan]  # the NaN is a missing image: a failure
   s = ev.success_rate(clip_r)
@@ -49,10 +54,10 @@ def test_success_rate_and_clip_auc_by_hand():
   # Composite Simpson, h/3 * (1, 4, 2, 4, ..., 4, 1) weights: k=1.00 -> 1; k=1.01..1.10 -> 5*4 + 5*2 = 30;
   # k=1.11..1.29 -> 10*4 + 9*2 = 58; the rest are zeros.
   by_hand = H / 3 * (0.75 * 1 + 0.5 * 30 + 0.25 * 58)
-  assert ev.clip_auc(clip_r) == pytest.approx(by_hand, abs=1e-12)
+  assert clip_auc(clip_r) == pytest.approx(by_hand, abs=1e-12)
   assert by_hand == pytest.approx(0.1008333333, abs=1e-9)
   # Every edit succeeding at every k: the area of a unit-height strip of width 0.4.
-  assert ev.clip_auc([2.0, 3.0]) == pytest.approx(0.4, abs=1e-12)
+  assert clip_auc([2.0, 3.0]) == pytest.approx(0.4, abs=1e-12)
 
 
 def test_doing_nothing_scores_zero():
@@ -63,7 +68,7 @@ def test_doing_nothing_scores_zero():
   cr = ev.clip_r(src, src, txt)
   assert np.all(cr == 1.0)
   np.testing.assert_array_equal(ev.success_rate(cr), np.zeros(41))
-  assert ev.clip_auc(cr) == 0.0
+  assert clip_auc(cr) == 0.0
   # No successful edit: the background metrics are undefined, not a perfect 0 L1.
   assert math.isnan(ev.thresholded_auc(np.zeros(6), cr))
   assert np.all(np.isnan(ev.thresholded_means(np.zeros(6), cr)))
@@ -159,6 +164,13 @@ def test_dataset_layout_and_errors(tmp_path):
     "",
   )
   assert ex.source_path == os.path.join(str(tmp_path), "images/a.png")
+  # The batch's index.csv reader: its file errors, as DatasetErrors.
+  (tmp_path / "index.csv").write_text("img_path,target_prompt\na.png,un caf\u00e9\n", encoding="latin-1")
+  with pytest.raises(ev.DatasetError, match="not valid UTF-8"):
+    ev.load_dataset(tmp_path)
+  (tmp_path / "index.csv").write_text("")
+  with pytest.raises(ev.DatasetError, match="is empty"):
+    ev.load_dataset(tmp_path)
 
 
 def test_result_selection(tmp_path):
@@ -275,7 +287,7 @@ def test_run_eval_end_to_end(bench, tiny_clip, tmp_path):
   np.testing.assert_allclose(report.curves["edited"], ev.success_rate(cr))
   assert edited[4]["missing"] and math.isnan(edited[4]["clip_t"])
   assert report.curves["edited"].max() <= (n - 2) / n
-  assert float(by["edited", "all"]["CLIP-AUC"]) == pytest.approx(ev.clip_auc(cr))
+  assert float(by["edited", "all"]["CLIP-AUC"]) == pytest.approx(clip_auc(cr))
   assert float(by["edited", "all"]["CLIP-T"]) == pytest.approx(np.nanmean([r["clip_t"] for r in edited]))
 
   # Per-example scores are the metric definitions applied to this CLIP's embeddings.
@@ -362,7 +374,7 @@ def clip_loads(monkeypatch, tiny_clip):
     calls.append(spec)
     return tiny_clip
 
-  monkeypatch.setattr(clip_lib, "load_clip", load)
+  monkeypatch.setattr(loading, "load_clip", load)
   return calls
 
 

@@ -412,6 +412,30 @@ def test_read_index_keeps_bad_rows_with_a_problem(tmp_path):
   assert problems[4] is None
 
 
+def test_read_index_records_reads_every_known_column(tmp_path):
+  d = _batch_dir(
+    tmp_path,
+    " category ,img_path,target_prompt,gt_path,local_prompt,global_target_prompt,notes\n"
+    "add, a.png ,a cat in a hat,gt/a.png,a hat,a photo of a cat in a hat,x\n"
+    "\n"
+    "change,b.png,a dog,,,,y,surplus\n",
+  )
+  records = lio.read_index_records(d / "index.csv", ("img_path", "target_prompt"))
+  assert [(r.row, r.line) for r in records] == [(0, 2), (1, 4)]
+  first = records[0].fields
+  assert set(first) == set(lio.INDEX_COLUMNS)  # absent columns read as "", unknown ones ("notes") dropped
+  assert (first["img_path"], first["category"], first["gt_path"]) == ("a.png", "add", "gt/a.png")
+  assert (first["global_target_prompt"], first["source_prompt"], first["edit_words"]) == (
+    "a photo of a cat in a hat",
+    "",
+    "",
+  )
+  assert records[0].extra == () and records[1].extra == ("surplus",)
+  # The required columns are the caller's: the evaluation's dataset needs no source_prompt.
+  with pytest.raises(lio.InputError, match="missing column 'source_prompt'"):
+    lio.read_index_records(d / "index.csv", lio.REQUIRED_COLUMNS)
+
+
 def test_image_paths_resolve_in_images_then_input_dir_then_absolute(tmp_path):
   d = _batch_dir(tmp_path, "", images=("a.png",))
   Image.new("RGB", (8, 8)).save(d / "b.png")
@@ -425,6 +449,17 @@ def test_image_paths_resolve_in_images_then_input_dir_then_absolute(tmp_path):
 def test_output_names_and_resume(tmp_path):
   assert lio.output_name(7, 0) == "007_seed0.png"
   assert lio.output_name(1234, 12) == "1234_seed12.png"
+  for row, seed in [(0, 0), (7, 1), (1234, 12), (3, 2**32 - 1)]:
+    assert lio.parse_output_name(lio.output_name(row, seed)) == (row, seed)
+  assert lio.parse_output_name("7_seed1.png") == (7, 1)  # unpadded rows are results too
+  for other in [
+    "007_grid.png",
+    "007_seed1.json",
+    "007_snapshots_seed1.png",
+    "007_seed1.png\n",
+    "a_seed1.png",
+  ]:
+    assert lio.parse_output_name(other) is None, other
   assert lio.pending_seeds(tmp_path / "not_yet", 0, [0, 1]) == [0, 1]
   lio.save_png(tmp_path / lio.output_name(3, 1), np.zeros((4, 4, 3)))
   (tmp_path / lio.output_name(3, 2)).write_bytes(b"")  # zero bytes: not finished

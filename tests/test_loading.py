@@ -1,8 +1,10 @@
-"""load_model on real diffusers folder layouts, its errors, and the convert/ round trip."""
+"""load_model on real diffusers folder layouts, its errors, and the lusd_jax.convert round trip."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from convert import convert_checkpoint
-from lusd_jax import loading
+from lusd_jax import convert, loading
 from lusd_jax.models import unet as unet_lib
 
 
@@ -128,26 +129,40 @@ def test_bad_dtype(tiny_sd1_dir):
 
 def test_convert_round_trip(tiny_sd1_dir, tmp_path, capsys):
   out = tmp_path / "converted"
-  assert convert_checkpoint.main([tiny_sd1_dir, str(out)]) == 0
+  assert convert.main([tiny_sd1_dir, str(out)]) == 0
   assert "round trip verified" in capsys.readouterr().out
   original = loading.load_model(tiny_sd1_dir)
   converted = loading.load_model(str(out))
   assert converted.configs == original.configs
-  assert convert_checkpoint.verify_round_trip(original, str(out)) == len(jax.tree.leaves(original.params))
+  assert convert.verify_round_trip(original, str(out)) == len(jax.tree.leaves(original.params))
   np.testing.assert_array_equal(_unet_forward(converted)[2], _unet_forward(original)[2])
   assert converted.tokenizer("a cat")["input_ids"] == [49406, 320, 2368, 49407]
 
 
+def test_convert_runs_as_a_module(tmp_path):
+  """`python -m lusd_jax.convert SRC OUT`: the script entry point of the package's converter."""
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(convert.__file__))}
+  res = subprocess.run(
+    [sys.executable, "-m", "lusd_jax.convert", str(tmp_path / "nothing_here"), str(tmp_path / "out")],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
+  assert res.returncode == 2, res.stderr
+  assert res.stderr.startswith("error: ") and "nothing_here" in res.stderr
+
+
 def test_converted_folder_errors(tiny_sd1_dir, tmp_path, capsys):
   out = tmp_path / "converted"
-  convert_checkpoint.convert(tiny_sd1_dir, str(out))
+  convert.convert(tiny_sd1_dir, str(out))
   flat = load_file(out / "vae.safetensors")
   key = sorted(flat)[0]
   del flat[key]
   save_file(flat, out / "vae.safetensors")
   with pytest.raises(loading.ModelLoadError, match=rf"vae.safetensors: missing parameter '{key}'"):
     loading.load_model(str(out))
-  assert convert_checkpoint.main([str(tmp_path / "nothing_here"), str(tmp_path / "o2")]) == 2
+  assert convert.main([str(tmp_path / "nothing_here"), str(tmp_path / "o2")]) == 2
   assert "error:" in capsys.readouterr().err
 
 
@@ -171,7 +186,7 @@ def _leaf_dtypes(tree):
 def test_mixed_policy_keeps_the_encoders_in_float32(policy, tiny_sd1_dir, tmp_path):
   half = jnp.dtype(HALF[policy])
   folder = loading.load_model(tiny_sd1_dir, dtype=policy)
-  convert_checkpoint.convert(tiny_sd1_dir, str(tmp_path / "converted"))
+  convert.convert(tiny_sd1_dir, str(tmp_path / "converted"))
   converted = loading.load_model(str(tmp_path / "converted"), dtype=policy)
   for model in (loading.load_model("tiny-random", dtype=policy), folder, converted):
     assert model.dtype == policy and model.unet_dtype == half.name

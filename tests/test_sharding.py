@@ -171,11 +171,3 @@ def test_shard_batch_rejects_an_unpadded_batch():
   if mesh.size > 1:
     with pytest.raises(ValueError, match="multiple"):
       sharding.shard_batch(jnp.arange(mesh.size + 1.0), mesh)
-
-
-def test_device_batches_group_items_in_order():
-  groups = sharding.device_batches(list(range(7)), num_devices=2, per_device=2)
-  assert groups == [[0, 1, 2, 3], [4, 5, 6]]
-  assert sharding.device_batches([], 4) == []
-  with pytest.raises(ValueError):
-    sharding.device_batches([1], 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lusd_jax import loading
+
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds the `lusd-jax convert` arguments to `parser` (a subcommand parser)."""
@@ -14,7 +16,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
   )
   parser.add_argument("src", help="diffusers folder, hub id, or single-file .ckpt/.safetensors (needs torch)")
   parser.add_argument("out", help="output folder (created; must not be a file)")
-  parser.add_argument("--dtype", default="float32", help="dtype of the stored params (default %(default)s)")
+  parser.add_argument(
+    "--dtype",
+    default="float32",
+    choices=list(loading.DTYPE_POLICIES),
+    help="dtype policy of the stored params (default %(default)s)",
+  )
   parser.add_argument(
     "--single-file-config",
     default=None,
@@ -23,9 +30,13 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args) -> int:
-  from convert import convert_checkpoint
+  """Converts SRC into OUT and verifies the round trip (errors reach the one handler in `cli`)."""
+  import jax
 
-  argv = [args.src, args.out, "--dtype", args.dtype]
-  if args.single_file_config:
-    argv += ["--single-file-config", args.single_file_config]
-  return convert_checkpoint.main(argv)
+  from lusd_jax import convert, io
+
+  io.check_output_dir(args.out, "OUT")  # before minutes of loading
+  model = convert.convert(args.src, args.out, args.dtype, args.single_file_config)
+  n = sum(x.size for x in jax.tree.leaves(model.params))
+  print(f"converted {args.src} -> {args.out} ({n / 1e6:.1f}M parameters, {model.dtype}); round trip verified")
+  return 0

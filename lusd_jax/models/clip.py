@@ -20,9 +20,12 @@ shortest side to 224 with PIL bicubic (the long side is `int(224 * long / short)
 mean / std. transformers' `CLIPImageProcessor` computes the same pixels except for its crop offset
 `(size - 224) // 2`, which is one pixel smaller when `size - 224` is 3 mod 4.
 
+Files are read by `lusd_jax.loading.load_clip` (models import no loader); this file turns what
+was read into a `CLIP` (`clip_from_state_dict`).
+
 Example:
 
-  clip = load_clip("openai/clip-vit-base-patch32")
+  clip = lusd_jax.loading.load_clip("openai/clip-vit-base-patch32")
   img_NP = clip.embed_images([Image.open("cat.png")])     # [1, 512]
   txt_NP = clip.embed_texts(["a photo of a cat"])           # [1, 512]
 """
@@ -46,6 +49,7 @@ from PIL import Image
 from lusd_jax import tokenizer as tokenizer_lib
 from lusd_jax import weights
 from lusd_jax.compiler import jit
+from lusd_jax.configs import config_kwargs
 from lusd_jax.models import clip_text, layers
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -61,11 +65,9 @@ class CLIPLoadError(ValueError):
 # ----------------------------------------------------------------------------- configs
 
 
-def _known_fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
-  # CLIP configs carry many bookkeeping keys (generation defaults, init settings, dropouts) that
-  # change nothing at inference; the weight table checks every shape the architecture keys imply.
-  names = {f.name for f in dataclasses.fields(cls)}
-  return {k: v for k, v in d.items() if k in names}
+# CLIPModel configs carry many bookkeeping keys in each tower (generation defaults, init settings,
+# dropouts) that change nothing at inference: unknown keys are dropped, not errors, and the weight
+# table checks every shape the architecture keys imply.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,7 @@ class CLIPVisionConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
-    return cls(**_known_fields(cls, d))
+    return cls(**config_kwargs(cls, d, name="vision config", strict=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +124,11 @@ class CLIPConfig:
     text = d.get("text_config") or {}
     vision = d.get("vision_config") or {}
     return cls(
-      text_config=clip_text.CLIPTextConfig.from_dict(_known_fields(clip_text.CLIPTextConfig, text)),
+      text_config=clip_text.CLIPTextConfig(
+        **config_kwargs(
+          clip_text.CLIPTextConfig, text, name="text config", strict=False, convert=clip_text.first_token_id
+        )
+      ),
       vision_config=CLIPVisionConfig.from_dict(vision),
       projection_dim=int(d.get("projection_dim", 512)),
     )
@@ -358,82 +364,41 @@ def tiny_random_clip(seed: int = 0) -> CLIP:
   return CLIP(config, params, tokenizer_lib.bundled_tokenizer(), TINY_RANDOM)
 
 
-def load_clip_folder(folder: str | os.PathLike, name: str | None = None) -> CLIP:
-  """Loads a transformers `CLIPModel` folder (`config.json`, `model.safetensors`, tokenizer files).
+def clip_from_state_dict(
+  config_dict: Mapping[str, Any],
+  state_dict: Mapping[str, np.ndarray],
+  tokenizer: Any,
+  name: str,
+  *,
+  config_source: str = "config.json",
+  source: str = "model.safetensors",
+) -> CLIP:
+  """A `CLIP` from a `CLIPModel` folder's contents, already read (`lusd_jax.loading.load_clip` reads them).
 
-  The tokenizer comes from the folder's `vocab.json` / `merges.txt`, else the bundled CLIP BPE.
+  Args:
+    config_dict: the `config.json` contents.
+    state_dict: the transformers `CLIPModel` state dict (numpy arrays).
+    tokenizer: a transformers `CLIPTokenizer`.
+    name: where the model came from (shown in reports).
+    config_source, source: the file names used in error messages.
+
+  Returns:
+    `CLIP` with float32 params.
+
+  Raises:
+    CLIPLoadError: naming the file when the config is not a `CLIPModel` one, or a key or shape of the
+      state dict does not fit it.
   """
-  from lusd_jax import loading
-
-  folder = os.fspath(folder)
-  config_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(config_path):
-    raise CLIPLoadError(f"missing file {config_path} (expected a transformers CLIPModel folder)")
+  if config_dict.get("model_type", "clip") != "clip":
+    raise CLIPLoadError(
+      f"{config_source}: model_type {config_dict.get('model_type')!r} is not a CLIPModel ('clip')."
+    )
   try:
-    with open(config_path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CLIPLoadError(f"{config_path} is not valid JSON: {e}") from None
-  if raw.get("model_type", "clip") != "clip":
-    raise CLIPLoadError(f"{config_path}: model_type {raw.get('model_type')!r} is not a CLIPModel ('clip').")
-  try:
-    config = CLIPConfig.from_dict(raw)
+    config = CLIPConfig.from_dict(config_dict)
   except (ValueError, TypeError) as e:
-    raise CLIPLoadError(f"{config_path}: {e}") from None
-  try:
-    state_dict, source = loading.read_state_dict(folder, "model")
-  except loading.ModelLoadError as e:
-    raise CLIPLoadError(str(e)) from None
+    raise CLIPLoadError(f"{config_source}: {e}") from None
   try:
     params = params_from_torch(state_dict, config, source=source)
   except weights.WeightsError as e:
     raise CLIPLoadError(str(e)) from None
-  has_vocab = all(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt"))
-  tok = tokenizer_lib.load_tokenizer(folder) if has_vocab else tokenizer_lib.bundled_tokenizer()
-  return CLIP(config, params, tok, name or folder)
-
-
-def load_clip(path_or_repo_id: str = DEFAULT_CLIP, *, revision: str | None = None) -> CLIP:
-  """Loads CLIP for the evaluation metrics.
-
-  Args:
-    path_or_repo_id: a local transformers `CLIPModel` folder, a Hugging Face repo id (downloaded with
-      `huggingface_hub` when a network is there; default OpenAI's ViT-B/32), or "tiny-random".
-    revision: hub revision, for repo ids.
-
-  Returns:
-    `CLIP` with `embed_images` / `embed_texts`.
-
-  Raises:
-    CLIPLoadError: naming the missing folder / file / key.
-  """
-  if path_or_repo_id == TINY_RANDOM:
-    return tiny_random_clip()
-  path = os.path.expanduser(os.fspath(path_or_repo_id))
-  if os.path.isdir(path):
-    return load_clip_folder(path)
-  parts = path_or_repo_id.split("/")
-  if os.path.exists(path) or len(parts) != 2 or not all(parts) or path_or_repo_id.startswith((".", "/", "~")):
-    raise CLIPLoadError(
-      f"CLIP model {path_or_repo_id!r}: not a transformers CLIPModel folder, and not a Hugging Face repo id (owner/name)."
-    )
-  try:
-    from huggingface_hub import snapshot_download
-
-    files = ["config.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
-    local = snapshot_download(
-      path_or_repo_id, revision=revision, allow_patterns=[*files, "model.safetensors"]
-    )
-    if not os.path.isfile(os.path.join(local, "model.safetensors")):
-      # Older repos hold only PyTorch pickles (reading them needs torch).
-      local = snapshot_download(
-        path_or_repo_id, revision=revision, allow_patterns=[*files, "pytorch_model.bin"]
-      )
-  except Exception as e:  # noqa: BLE001 - network, auth, unknown repo: one clear line
-    first = str(e).splitlines()[0] if str(e) else ""
-    raise CLIPLoadError(
-      f"CLIP model {path_or_repo_id!r}: not a local folder, and downloading it from the Hugging Face hub failed "
-      f"({type(e).__name__}: {first}). Pass a local CLIPModel folder (config.json + model.safetensors), or "
-      "--clip tiny-random to try the evaluator."
-    ) from None
-  return load_clip_folder(local, name=path_or_repo_id)
+  return CLIP(config, params, tokenizer, name)

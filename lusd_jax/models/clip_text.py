@@ -33,6 +33,7 @@ import numpy as np
 
 from lusd_jax import weights
 from lusd_jax.compiler import jit
+from lusd_jax.configs import config_kwargs
 from lusd_jax.models import attention
 from lusd_jax.models.layers import random_params
 
@@ -61,6 +62,13 @@ _IGNORED_KEYS = frozenset(
   temperature top_k top_p typical_p
   """.split()
 )
+
+
+def first_token_id(key: str, value: Any) -> Any:
+  # Some configs list several special-token ids; the first is the one the tokenizer uses.
+  if key in ("bos_token_id", "eos_token_id", "pad_token_id") and isinstance(value, tuple):
+    return value[0] if value else None
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,17 +111,9 @@ class CLIPTextConfig:
     Raises:
       ValueError: naming a key this architecture does not know, or an unsupported value.
     """
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-      if key.startswith("_") or key in _IGNORED_KEYS:
-        continue
-      if key not in fields:
-        raise ValueError(f"text encoder config: unknown key {key!r} (value {value!r}).")
-      if key in ("bos_token_id", "eos_token_id", "pad_token_id") and isinstance(value, list):
-        value = value[0] if value else None
-      kwargs[key] = value
-    return cls(**kwargs)
+    return cls(
+      **config_kwargs(cls, d, name="text encoder config", ignore=_IGNORED_KEYS, convert=first_token_id)
+    )
 
   @classmethod
   def from_json(cls, path: str | os.PathLike) -> CLIPTextConfig:

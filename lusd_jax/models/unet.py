@@ -45,12 +45,11 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from lusd_jax import weights
+from lusd_jax.configs import config_kwargs
 from lusd_jax.models.attention import dot_product_attention
-from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm, random_params
 
 CROSS_DOWN, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -92,12 +91,6 @@ _DEFAULT_ONLY: dict[str, Any] = {
 # Keys that hold no weight and change nothing at inference (dropout), or only matter for a feature
 # rejected above (the additional embedding's head count).
 _IGNORED = ("dropout", "addition_embed_type_num_heads")
-
-
-def _tuplify(value):
-  if isinstance(value, list | tuple):
-    return tuple(_tuplify(v) for v in value)
-  return value
 
 
 def _per_block(value, n: int, key: str) -> tuple:
@@ -202,22 +195,7 @@ class UNetConfig:
       ValueError: naming a key this implementation does not know, or does not implement with the
         value given.
     """
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-      if key.startswith("_") or key in _IGNORED:
-        continue
-      value = _tuplify(value)
-      if key in _DEFAULT_ONLY:
-        if value != _DEFAULT_ONLY[key]:
-          raise ValueError(
-            f"UNet config: {key}={value!r} is not supported (only the default {_DEFAULT_ONLY[key]!r})."
-          )
-        continue
-      if key not in fields:
-        raise ValueError(f"UNet config: unknown key {key!r} (value {value!r}).")
-      kwargs[key] = value
-    return cls(**kwargs)
+    return cls(**config_kwargs(cls, d, name="UNet config", ignore=_IGNORED, default_only=_DEFAULT_ONLY))
 
   @classmethod
   def from_json(cls, path: str | os.PathLike) -> UNetConfig:
@@ -716,34 +694,13 @@ def _dummy_inputs(config: UNetConfig):
   )
 
 
-def init_params(config: UNetConfig, key: jax.Array, dtype=jnp.float32):
-  """Random params for `config`, in `dtype`, distributed as Flax's default initializers.
+def init_params(config: UNetConfig, key: jax.Array | int, dtype=jnp.float32):
+  """Random params for `config`, in `dtype`: LeCun-normal kernels, zero biases, unit norm scales.
 
-  Kernels are LeCun-normal (truncated normal, variance 1 / fan_in), biases zero, norm scales one.
-  They are drawn in one random call and sliced: running the model's own init compiles one
-  threefry kernel per parameter, which takes about a minute on CPU even for the tiny U-Net.
+  `layers.random_params` with Flax's default biases and scales (numpy draws, leaf by leaf: no
+  compiled init, peak memory = the params).
   """
-  flat = traverse_util.flatten_dict(param_shapes(config))
-  kernels = {path: s.shape for path, s in flat.items() if path[-1] == "kernel"}
-  draws = np.asarray(jax.random.truncated_normal(key, -2.0, 2.0, (sum(map(math.prod, kernels.values())),)))
-  out, offset = {}, 0
-  for path, s in flat.items():
-    if path[-1] == "kernel":
-      n, fan_in = math.prod(s.shape), math.prod(s.shape[:-1])
-      # Flax's variance_scaling divides by the std of a [-2, 2]-truncated unit normal.
-      x = draws[offset : offset + n].reshape(s.shape) * (fan_in**-0.5 / _TRUNCATED_NORMAL_STD)
-      offset += n
-    elif path[-1] == "bias":
-      x = np.zeros(s.shape, np.float32)
-    elif path[-1] == "scale":
-      x = np.ones(s.shape, np.float32)
-    else:
-      raise AssertionError(f"unexpected parameter {'/'.join(path)}")
-    out[path] = jnp.asarray(x.astype(dtype))
-  return traverse_util.unflatten_dict(out)
-
-
-_TRUNCATED_NORMAL_STD = 0.87962566103423978
+  return random_params(param_shapes(config), key, dtype, bias_std=0.0, scale_std=0.0)
 
 
 def param_shapes(config: UNetConfig):

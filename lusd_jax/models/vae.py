@@ -35,6 +35,7 @@ import numpy as np
 
 from lusd_jax import weights
 from lusd_jax.compiler import jit
+from lusd_jax.configs import config_kwargs
 from lusd_jax.models import attention
 from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3, group_norm, random_params
 
@@ -101,15 +102,7 @@ class VAEConfig:
     Raises:
       ValueError: naming a key this architecture does not know, or an unsupported value.
     """
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-      if key.startswith("_"):
-        continue
-      if key not in fields:
-        raise ValueError(f"VAE config: unknown key {key!r} (value {value!r}).")
-      kwargs[key] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
+    return cls(**config_kwargs(cls, d, name="VAE config"))
 
   @classmethod
   def from_json(cls, path: str | os.PathLike) -> VAEConfig:
@@ -344,17 +337,6 @@ def encode_moments(params, config: VAEConfig, x_BHWC, *, dtype=jnp.float32):
 def encode_mean(params, config: VAEConfig, x_BHWC, *, dtype=jnp.float32):
   """Posterior mean `[B, H/8, W/8, latent_channels]` (unscaled), i.e. `latent_dist.mode()`."""
   return encode_moments(params, config, x_BHWC, dtype=dtype)[0]
-
-
-def encode_sample(params, config: VAEConfig, x_BHWC, key: jax.Array, *, dtype=jnp.float32):
-  """A posterior sample `mean + exp(0.5 * logvar) * N(0, 1)` (unscaled), i.e. `latent_dist.sample()`.
-
-  Args:
-    key: PRNG key for the Gaussian noise (same shape as the mean).
-  """
-  mean_BhwC, logvar_BhwC = encode_moments(params, config, x_BHWC, dtype=dtype)
-  noise_BhwC = jax.random.normal(key, mean_BhwC.shape, mean_BhwC.dtype)
-  return mean_BhwC + jnp.exp(0.5 * logvar_BhwC) * noise_BhwC
 
 
 @_jit

@@ -1,6 +1,6 @@
 """Converts a Stable Diffusion checkpoint into lusd-jax's fast-loading format, and verifies it.
 
-    python -m convert.convert_checkpoint SRC OUT [--dtype bfloat16]
+    python -m lusd_jax.convert SRC OUT [--dtype bfloat16]      (or: lusd-jax convert SRC OUT)
 
 SRC is a local diffusers folder, a Hugging Face repo id, or (with torch and diffusers installed) a
 single-file SD `.ckpt` / `.safetensors`, read with diffusers' `from_single_file` (pass
@@ -8,20 +8,21 @@ single-file SD `.ckpt` / `.safetensors`, read with diffusers' `from_single_file`
 OUT gets `lusd_jax.json` (configs), `unet.safetensors`, `vae.safetensors`,
 `text_encoder.safetensors` (Flax param trees, '/'-joined paths) and `tokenizer/`. After writing,
 the output is loaded back and every parameter compared with the converted one (round trip).
+
+It lives inside the package (it was a top-level `convert/` package that imported back into
+`lusd_jax`, and installed a module named `convert` into site-packages).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 
-import jax
 import numpy as np
 from flax import traverse_util
 
-from lusd_jax import io, loading
+from lusd_jax import loading
 
 
 def _single_file_to_diffusers(path: str, out_dir: str, config: str | None) -> str:
@@ -42,20 +43,24 @@ def _single_file_to_diffusers(path: str, out_dir: str, config: str | None) -> st
   return out_dir
 
 
+class RoundTripError(ValueError):
+  """The converted folder does not load back to the same configs and parameters."""
+
+
 def verify_round_trip(model: loading.SDModel, folder: str) -> int:
   """Loads `folder` back and checks every parameter equals `model`'s. Returns the number checked."""
   back = loading.load_converted(folder, model.dtype)
   if back.configs != model.configs:
-    raise AssertionError(f"{folder}: configs differ after the round trip")
+    raise RoundTripError(f"{folder}: configs differ after the round trip")
   n = 0
   for name in ("unet", "vae", "text_encoder"):
     a = traverse_util.flatten_dict(getattr(model.params, name), sep="/")
     b = traverse_util.flatten_dict(getattr(back.params, name), sep="/")
     if set(a) != set(b):
-      raise AssertionError(f"{folder}/{name}: parameter names differ after the round trip")
+      raise RoundTripError(f"{folder}/{name}: parameter names differ after the round trip")
     for k in a:
       if not np.array_equal(np.asarray(a[k]), np.asarray(b[k])):
-        raise AssertionError(f"{folder}/{name}: parameter {k} differs after the round trip")
+        raise RoundTripError(f"{folder}/{name}: parameter {k} differs after the round trip")
       n += 1
   return n
 
@@ -74,29 +79,10 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-    prog="python -m convert.convert_checkpoint", description=__doc__.split("\n\n")[0]
-  )
-  p.add_argument("src", help="diffusers folder, hub id, or single-file .ckpt/.safetensors")
-  p.add_argument("out", help="output folder")
-  p.add_argument(
-    "--dtype", default="float32", choices=sorted(loading.DTYPES), help="stored dtype (default %(default)s)"
-  )
-  p.add_argument(
-    "--single-file-config",
-    default=None,
-    help="diffusers folder / repo id giving the architecture of a single-file SRC (default: inferred)",
-  )
-  args = p.parse_args(argv)
-  try:
-    io.check_output_dir(args.out, "OUT")  # before minutes of loading
-    model = convert(args.src, args.out, args.dtype, args.single_file_config)
-  except (loading.ModelLoadError, io.InputError, AssertionError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  n = sum(x.size for x in jax.tree.leaves(model.params))
-  print(f"converted {args.src} -> {args.out} ({n / 1e6:.1f}M parameters, {model.dtype}); round trip verified")
-  return 0
+  """`python -m lusd_jax.convert SRC OUT ...`: the same as `lusd-jax convert SRC OUT ...`."""
+  from lusd_jax.cli import main as cli_main  # the one argument parser and error handler
+
+  return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

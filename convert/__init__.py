@@ -1,1 +1,0 @@
-"""Checkpoint conversion: diffusers folders / single-file SD checkpoints -> lusd-jax's format."""
