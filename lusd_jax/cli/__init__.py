@@ -63,7 +63,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from lusd_jax import __version__
+  from lusd_jax.version import __version__
 
   p = _Parser(prog="lusd-jax", description="LUSD text-guided image editing on Stable Diffusion, in JAX.")
   p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
