@@ -69,15 +69,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from PIL import Image
 
-from lusd_jax.io import (
-  INDEX_FILE,
-  InputError,
-  check_output_dir,
-  check_seeds,
-  image_path_candidates,
-  parse_output_name,
-  read_index_records,
-)
+from lusd_jax.batchdir import INDEX_FILE, image_path_candidates, parse_output_name, read_index_records
+from lusd_jax.io import InputError, check_output_dir, check_seeds
 
 SUCCESS_THRESHOLDS = 1.0 + 0.01 * np.arange(41)  # k = 1.00 .. 1.40 (CLIP-AUC)
 BACKGROUND_THRESHOLDS = SUCCESS_THRESHOLDS[:23]  # k = 1.00 .. 1.22 (L1*, CLIP-I*)
@@ -181,7 +174,7 @@ class EditExample:
 
 
 def load_dataset(dataset_dir: str | os.PathLike) -> list[EditExample]:
-  """Reads `dataset_dir/index.csv` (layout in this module's docstring) with `io.read_index_records`.
+  """Reads `dataset_dir/index.csv` (layout in this module's docstring) with `batchdir.read_index_records`.
 
   Raises:
     DatasetError: naming the file, the row and the column when something is missing.
@@ -228,7 +221,7 @@ def load_dataset(dataset_dir: str | os.PathLike) -> list[EditExample]:
 
 
 def scan_results(results_dir: str | os.PathLike) -> dict[int, dict[int, str]]:
-  """`{row: {seed: path}}` of the `{row:03d}_seed{seed}.png` files (`io.output_name`) in a batch folder."""
+  """`{row: {seed: path}}` of the `{row:03d}_seed{seed}.png` files (`batchdir.output_name`) in a batch folder."""
   results_dir = os.fspath(results_dir)
   if not os.path.isdir(results_dir):
     raise DatasetError(f"results folder {results_dir} does not exist")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lusd_jax import cli, engine, io, loading, pipeline
+from lusd_jax import batchdir, cli, engine, io, loading, pipeline
 from lusd_jax.lusd import core
 from lusd_jax.lusd.config import LUSDConfig
 
@@ -162,10 +162,10 @@ def test_cli_batch_over_four_devices_equals_one_device(tmp_path, capsys):
     assert a["timestep_per_step"] == b["timestep_per_step"]
     assert a["rejections_per_step"] == b["rejections_per_step"]
     for seed in (0, 1):
-      name = io.output_name(row, seed)
+      name = batchdir.output_name(row, seed)
       x = np.asarray(Image.open(four / name), np.int16)
       y = np.asarray(Image.open(one / name), np.int16)
       assert np.abs(x - y).max() <= 1, name  # equal up to a rounding step of the 8-bit PNG
-  x0 = np.asarray(Image.open(one / io.output_name(0, 0)), np.int16)
-  x2 = np.asarray(Image.open(one / io.output_name(2, 0)), np.int16)
+  x0 = np.asarray(Image.open(one / batchdir.output_name(0, 0)), np.int16)
+  x2 = np.asarray(Image.open(one / batchdir.output_name(2, 0)), np.int16)
   assert np.abs(x0 - x2).max() > 1  # rows really differ

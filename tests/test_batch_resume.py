@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lusd_jax import cli, io, loading
+from lusd_jax import batchdir, cli, io, loading
 
 SIZE = 64
 SEEDS = (0, 1)
@@ -105,10 +105,14 @@ def _record(out, name):
 
 def _assert_row_complete(out, row, seeds):
   for s in seeds:
-    for name in (io.output_name(row, s), io.seed_record_name(row, s), io.snapshot_name(row, s)):
-      assert io.is_done(out / name), name
-  assert io.is_done(out / io.grid_name(row))
-  record = _record(out, io.run_record_name(row))
+    for name in (
+      batchdir.output_name(row, s),
+      batchdir.seed_record_name(row, s),
+      batchdir.snapshot_name(row, s),
+    ):
+      assert batchdir.is_done(out / name), name
+  assert batchdir.is_done(out / batchdir.grid_name(row))
+  record = _record(out, batchdir.run_record_name(row))
   assert record["seeds"] == list(seeds)
   assert [len(r) for r in record["rejections_per_step"]] == [2] * len(seeds)
   assert [len(t) for t in record["timestep_per_step"]] == [2] * len(seeds)
@@ -123,24 +127,25 @@ def test_write_order_is_the_one_resume_relies_on(full):
     names = order[row * PER_ROW : (row + 1) * PER_ROW]
     for s in SEEDS:  # a seed's record comes after its strip and image
       strip, image, rec = (
-        names.index(f(row, s)) for f in (io.snapshot_name, io.output_name, io.seed_record_name)
+        names.index(f(row, s))
+        for f in (batchdir.snapshot_name, batchdir.output_name, batchdir.seed_record_name)
       )
       assert strip < image < rec
-    assert names[-2:] == (io.grid_name(row), io.run_record_name(row))
+    assert names[-2:] == (batchdir.grid_name(row), batchdir.run_record_name(row))
   assert not list(out.glob(".*"))
 
 
 def test_seed_records_merge_into_the_row_record(full):
   out = full[1]
   for row in (0, 1):
-    records = [_record(out, io.seed_record_name(row, s)) for s in SEEDS]
+    records = [_record(out, batchdir.seed_record_name(row, s)) for s in SEEDS]
     assert [r["seed"] for r in records] == list(SEEDS)
-    mask = io.array_from_json(records[0]["mask"])
+    mask = batchdir.array_from_json(records[0]["mask"])
     assert mask.dtype == np.float32 and mask.shape == (SIZE // 8, SIZE // 8)
-    np.testing.assert_array_equal(io.array_from_json(io.array_to_json(mask)), mask)
-    assert io.merge_seed_records(records) == _record(out, io.run_record_name(row))
-    row_record = _record(out, io.run_record_name(row))
-    assert io.merge_seed_records(io.split_run_record(row_record)) == row_record
+    np.testing.assert_array_equal(batchdir.array_from_json(batchdir.array_to_json(mask)), mask)
+    assert batchdir.merge_seed_records(records) == _record(out, batchdir.run_record_name(row))
+    row_record = _record(out, batchdir.run_record_name(row))
+    assert batchdir.merge_seed_records(batchdir.split_run_record(row_record)) == row_record
 
 
 @pytest.mark.parametrize("k", range(1, PER_ROW))
@@ -153,11 +158,11 @@ def test_rerun_after_a_kill_between_any_two_files_completes_the_row(full, tmp_pa
     (out / name).unlink()
   (out / f".{lost[0]}.k1l2m3n4.tmp").write_bytes(b"")
   (out / ".notes.tmp").write_text("not ours")
-  finished = [s for s in SEEDS if io.seed_record_name(1, s) in kept]
+  finished = [s for s in SEEDS if batchdir.seed_record_name(1, s) in kept]
   before = {
     name: _stamp(out / name)
     for s in finished
-    for name in (io.output_name(1, s), io.snapshot_name(1, s), io.seed_record_name(1, s))
+    for name in (batchdir.output_name(1, s), batchdir.snapshot_name(1, s), batchdir.seed_record_name(1, s))
   }
   before.update({name: _stamp(out / name) for name in order[:PER_ROW]})
   loads = _count_loads(monkeypatch)
@@ -170,12 +175,12 @@ def test_rerun_after_a_kill_between_any_two_files_completes_the_row(full, tmp_pa
   for name, stamp in before.items():
     assert _stamp(out / name) == stamp, name
   record = _assert_row_complete(out, 1, SEEDS)
-  original = _record(full[1], io.run_record_name(1))
+  original = _record(full[1], batchdir.run_record_name(1))
   for key in PER_SEED_KEYS:  # finished seeds read back, the others computed again: nothing lost
     assert record[key] == original[key], key
   if not loads:  # the grid and record rebuilt from disk alone equal the originals
     assert record == original
-    assert (out / io.grid_name(1)).read_bytes() == (full[1] / io.grid_name(1)).read_bytes()
+    assert (out / batchdir.grid_name(1)).read_bytes() == (full[1] / batchdir.grid_name(1)).read_bytes()
 
 
 def test_more_seeds_on_a_rerun_computes_only_the_new_one(full, tmp_path, capsys, monkeypatch):
@@ -191,28 +196,28 @@ def test_more_seeds_on_a_rerun_computes_only_the_new_one(full, tmp_path, capsys,
     name
     for row in (0, 1)
     for name in (
-      io.snapshot_name(row, 2),
-      io.output_name(row, 2),
-      io.seed_record_name(row, 2),
-      io.grid_name(row),
-      io.run_record_name(row),
+      batchdir.snapshot_name(row, 2),
+      batchdir.output_name(row, 2),
+      batchdir.seed_record_name(row, 2),
+      batchdir.grid_name(row),
+      batchdir.run_record_name(row),
     )
   ]
   for name, stamp in before.items():
     assert _stamp(out / name) == stamp, name
   for row in (0, 1):
     record = _assert_row_complete(out, row, (0, 1, 2))
-    original = _record(full[1], io.run_record_name(row))
+    original = _record(full[1], batchdir.run_record_name(row))
     for key in PER_SEED_KEYS:
       assert record[key][:2] == original[key], key
-    grid = Image.open(out / io.grid_name(row))
-    assert grid.width > Image.open(full[1] / io.grid_name(row)).width  # one more tile
+    grid = Image.open(out / batchdir.grid_name(row))
+    assert grid.width > Image.open(full[1] / batchdir.grid_name(row)).width  # one more tile
 
 
 def test_rerun_with_every_row_done_loads_no_model(full, tmp_path, capsys, monkeypatch):
   in_dir, _, order = full
   out = _copy(full, tmp_path)
-  (out / f".{io.grid_name(0)}.abcd1234.tmp").write_bytes(b"")
+  (out / f".{batchdir.grid_name(0)}.abcd1234.tmp").write_bytes(b"")
   (out / "keep.tmp").write_text("not ours")
   before = {name: _stamp(out / name) for name in order}
 

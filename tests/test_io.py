@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lusd_jax import examples
+from lusd_jax import batchdir, examples
 from lusd_jax import io as lio
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -340,9 +340,11 @@ def test_read_index_official_format(tmp_path):
     "\n"
     'dark_sky.jpg,,"thunder, and rain"\n',
   )
-  rows = lio.read_index(d)
+  rows = batchdir.read_index(d)
   assert [r.row for r in rows] == [0, 1]  # the blank line does not shift numbering
-  assert rows[0] == lio.BatchRow(0, 2, d / "images" / "cat.jpg", "a cat", "a cat wearing a party hat", None)
+  assert rows[0] == batchdir.BatchRow(
+    0, 2, d / "images" / "cat.jpg", "a cat", "a cat wearing a party hat", None
+  )
   # Empty source prompt is valid (the official samples have one); missing image resolved to images/.
   assert rows[1].source_prompt == "" and rows[1].target_prompt == "thunder, and rain"
   assert rows[1].img_path == d / "images" / "dark_sky.jpg" and rows[1].problem is None
@@ -356,7 +358,7 @@ def test_read_index_edit_words_bom_and_reordered_columns(tmp_path):
     "a cup of matcha,cat.jpg,a cup of coffee,  ,y\n",
     encoding="utf-8-sig",
   )
-  rows = lio.read_index(d)
+  rows = batchdir.read_index(d)
   assert rows[0].img_path == d / "images" / "cat.jpg"  # BOM did not corrupt the first column name
   assert [r.edit_words for r in rows] == ["party hat", None]
   assert rows[1].source_prompt == "a cup of coffee"
@@ -365,7 +367,7 @@ def test_read_index_edit_words_bom_and_reordered_columns(tmp_path):
 def test_read_index_missing_column_names_file_and_column(tmp_path):
   d = _batch_dir(tmp_path, "img_path,source_prompt\ncat.jpg,a cat\n")
   with pytest.raises(lio.InputError, match="missing column 'target_prompt'") as err:
-    lio.read_index(d)
+    batchdir.read_index(d)
   assert "index.csv" in str(err.value)
 
 
@@ -374,14 +376,14 @@ def test_read_index_missing_column_names_file_and_column(tmp_path):
 )
 def test_read_index_empty_files(tmp_path, text, reason):
   with pytest.raises(lio.InputError, match=reason):
-    lio.read_index(_batch_dir(tmp_path, text))
+    batchdir.read_index(_batch_dir(tmp_path, text))
 
 
 def test_read_index_missing_index_and_dir(tmp_path):
   with pytest.raises(lio.InputError, match="index.csv not found"):
-    lio.read_index(tmp_path)
+    batchdir.read_index(tmp_path)
   with pytest.raises(lio.InputError, match="not a directory"):
-    lio.read_index(tmp_path / "nope")
+    batchdir.read_index(tmp_path / "nope")
 
 
 def test_read_index_not_utf8(tmp_path):
@@ -389,7 +391,7 @@ def test_read_index_not_utf8(tmp_path):
     tmp_path, "img_path,source_prompt,target_prompt\ncat.jpg,caf\u00e9,th\u00e9\n", encoding="latin-1"
   )
   with pytest.raises(lio.InputError, match="UTF-8"):
-    lio.read_index(d)
+    batchdir.read_index(d)
 
 
 def test_read_index_keeps_bad_rows_with_a_problem(tmp_path):
@@ -402,7 +404,7 @@ def test_read_index_keeps_bad_rows_with_a_problem(tmp_path):
     "cat.jpg,a cat,a cat, with a hat\n"  # unquoted comma
     "cat.jpg,a cat,a cat with a hat\n",
   )
-  rows = lio.read_index(d)
+  rows = batchdir.read_index(d)
   assert len(rows) == 5
   problems = [r.problem for r in rows]
   assert "empty target_prompt" in problems[0] and "line 2" in problems[0]
@@ -420,10 +422,12 @@ def test_read_index_records_reads_every_known_column(tmp_path):
     "\n"
     "change,b.png,a dog,,,,y,surplus\n",
   )
-  records = lio.read_index_records(d / "index.csv", ("img_path", "target_prompt"))
+  records = batchdir.read_index_records(d / "index.csv", ("img_path", "target_prompt"))
   assert [(r.row, r.line) for r in records] == [(0, 2), (1, 4)]
   first = records[0].fields
-  assert set(first) == set(lio.INDEX_COLUMNS)  # absent columns read as "", unknown ones ("notes") dropped
+  assert set(first) == set(
+    batchdir.INDEX_COLUMNS
+  )  # absent columns read as "", unknown ones ("notes") dropped
   assert (first["img_path"], first["category"], first["gt_path"]) == ("a.png", "add", "gt/a.png")
   assert (first["global_target_prompt"], first["source_prompt"], first["edit_words"]) == (
     "a photo of a cat in a hat",
@@ -433,7 +437,7 @@ def test_read_index_records_reads_every_known_column(tmp_path):
   assert records[0].extra == () and records[1].extra == ("surplus",)
   # The required columns are the caller's: the evaluation's dataset needs no source_prompt.
   with pytest.raises(lio.InputError, match="missing column 'source_prompt'"):
-    lio.read_index_records(d / "index.csv", lio.REQUIRED_COLUMNS)
+    batchdir.read_index_records(d / "index.csv", batchdir.REQUIRED_COLUMNS)
 
 
 def test_image_paths_resolve_in_images_then_input_dir_then_absolute(tmp_path):
@@ -443,15 +447,15 @@ def test_image_paths_resolve_in_images_then_input_dir_then_absolute(tmp_path):
   (d / "index.csv").write_text(
     f"img_path,source_prompt,target_prompt\na.png,x,y\nb.png,x,y\n{absolute},x,y\n", encoding="utf-8"
   )
-  assert [r.img_path for r in lio.read_index(d)] == [d / "images" / "a.png", d / "b.png", absolute]
+  assert [r.img_path for r in batchdir.read_index(d)] == [d / "images" / "a.png", d / "b.png", absolute]
 
 
 def test_output_names_and_resume(tmp_path):
-  assert lio.output_name(7, 0) == "007_seed0.png"
-  assert lio.output_name(1234, 12) == "1234_seed12.png"
+  assert batchdir.output_name(7, 0) == "007_seed0.png"
+  assert batchdir.output_name(1234, 12) == "1234_seed12.png"
   for row, seed in [(0, 0), (7, 1), (1234, 12), (3, 2**32 - 1)]:
-    assert lio.parse_output_name(lio.output_name(row, seed)) == (row, seed)
-  assert lio.parse_output_name("7_seed1.png") == (7, 1)  # unpadded rows are results too
+    assert batchdir.parse_output_name(batchdir.output_name(row, seed)) == (row, seed)
+  assert batchdir.parse_output_name("7_seed1.png") == (7, 1)  # unpadded rows are results too
   for other in [
     "007_grid.png",
     "007_seed1.json",
@@ -459,18 +463,18 @@ def test_output_names_and_resume(tmp_path):
     "007_seed1.png\n",
     "a_seed1.png",
   ]:
-    assert lio.parse_output_name(other) is None, other
-  assert lio.pending_seeds(tmp_path / "not_yet", 0, [0, 1]) == [0, 1]
-  lio.save_png(tmp_path / lio.output_name(3, 1), np.zeros((4, 4, 3)))
-  (tmp_path / lio.output_name(3, 2)).write_bytes(b"")  # zero bytes: not finished
-  (tmp_path / f".{lio.output_name(3, 0)}.abc.tmp").write_bytes(b"partial")  # a killed write
-  assert lio.pending_seeds(tmp_path, 3, [0, 1, 2]) == [0, 2]
-  assert lio.pending_seeds(tmp_path, 4, [1]) == [1]
+    assert batchdir.parse_output_name(other) is None, other
+  assert batchdir.pending_seeds(tmp_path / "not_yet", 0, [0, 1]) == [0, 1]
+  lio.save_png(tmp_path / batchdir.output_name(3, 1), np.zeros((4, 4, 3)))
+  (tmp_path / batchdir.output_name(3, 2)).write_bytes(b"")  # zero bytes: not finished
+  (tmp_path / f".{batchdir.output_name(3, 0)}.abc.tmp").write_bytes(b"partial")  # a killed write
+  assert batchdir.pending_seeds(tmp_path, 3, [0, 1, 2]) == [0, 2]
+  assert batchdir.pending_seeds(tmp_path, 4, [1]) == [1]
 
 
 def test_summarize_failures():
-  assert lio.summarize_failures([]) == "all rows succeeded"
-  text = lio.summarize_failures([(2, "image not found: x.png"), (10, "empty target_prompt")])
+  assert batchdir.summarize_failures([]) == "all rows succeeded"
+  text = batchdir.summarize_failures([(2, "image not found: x.png"), (10, "empty target_prompt")])
   assert text.splitlines() == [
     "2 row(s) failed:",
     "  row 002: image not found: x.png",

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from lusd_jax import io, loading, pipeline, sharding, visual
+from lusd_jax import batchdir, io, loading, pipeline, sharding, visual
 from lusd_jax.cli import args as args_lib
 
 
@@ -104,21 +104,21 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
   """Edits every unfinished (row, seed) of index.csv; on several devices, several rows run at once.
 
-  Resume is per seed and per row (see the comment above `io.PER_SEED_KEYS`): each seed's image is
+  Resume is per seed and per row (see the comment above `batchdir.PER_SEED_KEYS`): each seed's image is
   followed by its record `{row:03d}_seed{s}.json`; a rerun keeps the seeds that have both, computes
   the others, and then rebuilds the row's grid and run.json from every requested seed, reading the
   finished ones back. Rows already complete are skipped, and when no seed is left to compute the
   model is not loaded.
   """
 
-  rows = io.read_index(args.input_dir)
+  rows = batchdir.read_index(args.input_dir)
   seeds = args_lib.seeds_from_args(args)
   config = args_lib.config_from_args(args)
   io.validate_size(args.size)
   out_dir = io.check_output_dir(args.output_dir, flag="--output-dir")
   mesh = args_lib.mesh_from_args(args)
   snapshots = bool(args.save_step)
-  stale = io.remove_stale_temp_files(out_dir)
+  stale = batchdir.remove_stale_temp_files(out_dir)
   if stale:
     print(f"batch: removed {len(stale)} temporary file(s) left by an interrupted run", file=sys.stderr)
   failures: list[tuple[int, str]] = []
@@ -126,14 +126,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
   rebuild = []  # (row, records): every seed finished, the row's grid or run.json missing
   skipped = 0
   for row in rows:
-    if io.row_is_done(out_dir, row.row, seeds, snapshots):
+    if batchdir.row_is_done(out_dir, row.row, seeds, snapshots):
       skipped += 1
       continue
     if row.problem:
       failures.append((row.row, f"index.csv row {row.row}: {row.problem}"))
       print(f"[row {row.row}] failed: {failures[-1][1]}", file=sys.stderr)
       continue
-    finished = io.finished_seed_records(out_dir, row.row, seeds, snapshots)
+    finished = batchdir.finished_seed_records(out_dir, row.row, seeds, snapshots)
     todo = [s for s in seeds if s not in finished]
     if not todo:
       rebuild.append((row, finished))
@@ -187,7 +187,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
   failures.sort()
   print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {len(rows)} rows)")
   if failures:
-    print(io.summarize_failures(failures))
+    print(batchdir.summarize_failures(failures))
   return 1 if failures else 0
 
 
@@ -220,23 +220,25 @@ def _check_batch_jobs(args, config, seeds, jobs, job_rows, kept, failures):
 def _save_batch_seeds(result, model, args, out_dir, r: int) -> dict[int, dict]:
   """Writes each computed seed's strip (with --save-step), image, then record; returns the records.
 
-  The record (`io.split_run_record` of the run record, plus the seed's edit mask for the grid) is
-  written last, so that its presence means the seed is finished (`io.finished_seed_records`).
+  The record (`batchdir.split_run_record` of the run record, plus the seed's edit mask for the grid) is
+  written last, so that its presence means the seed is finished (`batchdir.finished_seed_records`).
   """
 
-  records = io.split_run_record(pipeline.run_record(result, model, args.model))
+  records = batchdir.split_run_record(pipeline.run_record(result, model, args.model))
   out = {}
   for i, s in enumerate(result.seeds):
     if result.snapshots is not None:
       strip = visual.snapshot_strip(
         result.input_image, list(result.snapshots[i]), list(result.snapshot_steps)
       )
-      io.save_png(os.path.join(out_dir, io.snapshot_name(r, s)), strip)
-    io.save_png(os.path.join(out_dir, io.output_name(r, s)), result.images[i], result.config.output_rounding)
+      io.save_png(os.path.join(out_dir, batchdir.snapshot_name(r, s)), strip)
+    io.save_png(
+      os.path.join(out_dir, batchdir.output_name(r, s)), result.images[i], result.config.output_rounding
+    )
     record = records[i]
     if result.mask is not None:
-      record["mask"] = io.array_to_json(result.mask[i])
-    io.write_json_atomic(os.path.join(out_dir, io.seed_record_name(r, s)), record)
+      record["mask"] = batchdir.array_to_json(result.mask[i])
+    io.write_json_atomic(os.path.join(out_dir, batchdir.seed_record_name(r, s)), record)
     out[s] = record
   return out
 
@@ -254,14 +256,17 @@ def _save_batch_row(out_dir, r: int, seeds, input_image, images: dict, records: 
   """
 
   edits = [
-    images[s] if s in images else io.read_output_image(os.path.join(out_dir, io.output_name(r, s)))
+    images[s]
+    if s in images
+    else batchdir.read_output_image(os.path.join(out_dir, batchdir.output_name(r, s)))
     for s in seeds
   ]
   first = records[seeds[0]]
-  mask = io.array_from_json(first["mask"]) if "mask" in first else None
+  mask = batchdir.array_from_json(first["mask"]) if "mask" in first else None
   title = f'{r:03d}: "{first["source_prompt"]}" -> "{first["target_prompt"]}"'
   grid = _edit_grid(input_image, edits, seeds, mask, title, bool(first.get("random_weights")))
-  io.save_png(os.path.join(out_dir, io.grid_name(r)), grid)
+  io.save_png(os.path.join(out_dir, batchdir.grid_name(r)), grid)
   io.write_json_atomic(
-    os.path.join(out_dir, io.run_record_name(r)), io.merge_seed_records([records[s] for s in seeds])
+    os.path.join(out_dir, batchdir.run_record_name(r)),
+    batchdir.merge_seed_records([records[s] for s in seeds]),
   )

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lusd_jax import io, pipeline, sweeps
+from lusd_jax import batchdir, io, pipeline, sweeps
 from lusd_jax.cli import args as args_lib
 from lusd_jax.loading import SDModel
 from lusd_jax.lusd.config import LUSDConfig, LUSDNumeric
@@ -151,7 +151,7 @@ def cell_file_name(result: SweepResult, c: int, s: int) -> str:
 
 
 # Per-config entries of `pipeline.run_record`; the rest is shared by the sweep's cells.
-_CELL_KEYS = ("config", *io.PER_SEED_KEYS)
+_CELL_KEYS = ("config", *batchdir.PER_SEED_KEYS)
 
 
 def sweep_record(result: SweepResult, model: SDModel, model_id: str | None = None) -> dict:
