@@ -350,6 +350,7 @@ def test_changing_prompts_edit_words_and_numbers_does_not_recompile(params):
   assert core.run_steps._cache_size() == before
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_and_stacked_configs_equal_single_runs(params, inputs):
   configs = [
     LUSDConfig(num_steps=N, lr=LR),
