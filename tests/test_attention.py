@@ -164,6 +164,7 @@ def test_unknown_impl_is_rejected():
     attention.dot_product_attention(q, k, v, impl="flash")
 
 
+@pytest.mark.slow
 def test_unet_output_and_maps_do_not_depend_on_the_implementation():
   from lusd_jax.models import unet
   from lusd_jax.tiny import TINY_SD1_UNET

@@ -73,6 +73,7 @@ def test_every_job_is_yielded_once_as_it_finishes(many):
   assert "missing" in notes
 
 
+@pytest.mark.slow
 def test_results_equal_single_edits(model, jobs, many):
   results = dict(many[0])
   for j in (0, 2, 3):
@@ -133,6 +134,7 @@ ARGS = ["--model", "tiny-random", "--size", str(SIZE), "--num-steps", "3", "--lr
 ARGS += ["--threshold", "0.1", "--threshold-decay-rate", "0.9", "--seeds", "0", "1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_cli_batch_over_four_devices_equals_one_device(tmp_path, capsys):
   in_dir = _write_index(tmp_path / "in")
   env = {

@@ -148,6 +148,7 @@ def test_seed_records_merge_into_the_row_record(full):
     assert batchdir.merge_seed_records(batchdir.split_run_record(row_record)) == row_record
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", range(1, PER_ROW))
 def test_rerun_after_a_kill_between_any_two_files_completes_the_row(full, tmp_path, capsys, monkeypatch, k):
   in_dir, _, order = full

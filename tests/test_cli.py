@@ -96,6 +96,7 @@ def _write_batch(tmp_path):
   return d
 
 
+@pytest.mark.slow
 def test_batch_reports_bad_rows_goes_on_and_resumes(capsys, tmp_path):
   in_dir, out_dir = _write_batch(tmp_path), tmp_path / "out"
   argv = ["batch", "--input-dir", str(in_dir), "--output-dir", str(out_dir), *FAST, "--seeds", "0", "1"]

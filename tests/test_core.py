@@ -342,6 +342,7 @@ def test_changing_prompts_edit_words_and_numbers_does_not_recompile(params):
   assert engine.run_chunk._cache_size() == before
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_and_stacked_configs_equal_single_runs(params, inputs):
   configs = [
     LUSDConfig(num_steps=N, lr=LR),

@@ -339,6 +339,7 @@ def test_eval_command(bench, tiny_clip, tmp_path, capsys):
     parser.parse_args(["--results", "x", "--dataset", "y", "--seed", "first"])
 
 
+@pytest.mark.slow
 def test_cli_batch_then_eval(bench, tmp_path):
   results = tmp_path / "lusd"
   edit = subprocess.run(

@@ -26,6 +26,7 @@ def _unet_forward(model: loading.SDModel, seed=0):
   return z, ctx, np.asarray(eps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", ["sd1", "sd2"])
 def test_loaded_folder_matches_diffusers_loading_the_same_files(style, tiny_sd1_dir, tiny_sd2_dir):
   from diffusers import UNet2DConditionModel
@@ -127,6 +128,7 @@ def test_bad_dtype(tiny_sd1_dir):
     loading.load_model(tiny_sd1_dir, dtype="int8")
 
 
+@pytest.mark.slow
 def test_convert_round_trip(tiny_sd1_dir, tmp_path, capsys):
   out = tmp_path / "converted"
   assert convert.main([tiny_sd1_dir, str(out)]) == 0
@@ -166,6 +168,7 @@ def test_converted_folder_errors(tiny_sd1_dir, tmp_path, capsys):
   assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tiny_random_model_runs_without_torch_weights():
   model = loading.load_model("tiny-random")
   assert model.is_random
@@ -182,6 +185,7 @@ def _leaf_dtypes(tree):
   return {x.dtype for x in jax.tree.leaves(tree)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", sorted(HALF))
 def test_mixed_policy_keeps_the_encoders_in_float32(policy, tiny_sd1_dir, tmp_path):
   half = jnp.dtype(HALF[policy])
@@ -232,6 +236,7 @@ def test_dtype_argument_lists_every_policy(capsys):
     assert "".join(f"{name}: {policy.help}".split()) in text
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_unet_computes_in_bfloat16():
   from lusd_jax.lusd import core
 
@@ -250,6 +255,7 @@ def test_mixed_bfloat16_unet_computes_in_bfloat16():
   assert 0 < err < 0.05, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", sorted(HALF))
 def test_mixed_edit_runs_close_to_float32(policy):
   from lusd_jax import pipeline

@@ -3,7 +3,11 @@
 import pathlib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+# Runs a Jupyter kernel and the whole quickstart: the fast tier (-m "not slow") skips it.
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 

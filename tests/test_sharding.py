@@ -108,6 +108,7 @@ def four_devices():
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_sharded_results_equal_single_device(four_devices):
   r = four_devices
   assert r["z_shape"] == [3, 8, 8, 4]  # the padding element is dropped
@@ -121,6 +122,7 @@ def test_sharded_results_equal_single_device(four_devices):
   assert r["compiles_mix"] == 0  # the mixed batch reuses the mesh program, untraced
 
 
+@pytest.mark.slow
 def test_batch_is_split_over_four_devices(four_devices):
   r = four_devices
   assert r["devices"] == 4 and r["spec_is_data"]

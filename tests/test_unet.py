@@ -158,6 +158,7 @@ def test_sd1_capture_keeps_eps_and_matches_reference(sd1):
   assert sum(k == "self" and tt == 64 for k, tt, _ in records) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capture", [None, (8, 2, (1, 2)), (16, 16, None)])
 def test_shared_sample_equals_the_repeated_sample(sd1, capture):
   """A [1, ...] sample under a batch of 2 prompts (LUSD's SBP call) is the sample repeated twice: the
@@ -197,6 +198,7 @@ def test_shared_sample_batch_must_be_one(sd1):
     jitted(cfg)(params, x, 1, ctx[:2])
 
 
+@pytest.mark.slow
 def test_vmap_and_grad_through_captured_maps(sd1):
   """`jax.vmap` over latents (int scalar timestep, all batch rows captured) matches the batched
   PyTorch forward; the gradient of a function of the maps w.r.t. the latent is finite, non-zero and
@@ -240,6 +242,7 @@ def test_vmap_and_grad_through_captured_maps(sd1):
   assert abs(directional - fd) <= 2e-2 * abs(fd) + 1e-5, (directional, fd)
 
 
+@pytest.mark.slow
 def test_sd2_parity_nonsquare_odd_latent():
   """SD2 shape (linear projections, per-block heads, upcast) on a 12x10 latent: odd levels (3x3),
   forced upsample sizes, per-batch float timesteps, capture on a non-square latent."""
