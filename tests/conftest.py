@@ -3,6 +3,12 @@ import os
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# Commands run by the tests turn on the persistent compilation cache: keep it in the checkout (shared
+# by the xdist workers, ignored by git) rather than in the user's ~/.cache/lusd_jax.
+os.environ.setdefault(
+  "LUSD_JAX_CACHE_DIR",
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "xla"),
+)
 
 from tests import builders  # noqa: E402
 
