@@ -1,5 +1,8 @@
 """Evaluation of text-guided edits: CLIP-T, CLIP-R, CLIP-AUC, L1*, CLIP-I* (LUSD Sec. 4.2).
 
+(Over 450 lines for now: the metric formulas, the dataset and result-folder readers and the report
+live together until the UnifyEdit protocol (DINO structure distance) splits them into a package.)
+
 Why these metrics: L1 / CLIP-I / DINO against a single ground truth reward doing nothing (LUSD
 Sec. 9.3, Table 8), because an unedited image is close to most plausible edits. LUSD therefore
 counts an edit as *successful* when it moves the image towards the target description, and

@@ -1,5 +1,8 @@
 """Loading Stable Diffusion: diffusers folders, hub ids, converted checkpoints, the tiny random model.
 
+(Over 450 lines on purpose: every way a checkpoint arrives (three layouts, the hub, CLIP for the
+evaluation, the weight-free model head) shares one error type and one set of file readers.)
+
 `load_model` returns an `SDModel`: static configs (hashable: they select compiled programs) beside
 a params pytree (traced). Weights are read from `.safetensors` without torch; `.bin` files need
 torch. Every problem is a `ModelLoadError` that names the folder, file and key.

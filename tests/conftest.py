@@ -13,6 +13,24 @@ os.environ.setdefault(
 from tests import builders  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def no_nltk_data(tmp_path_factory):
+  """No NLTK data anywhere: the POS tagger must be the offline one from the textblob-aptagger wheel."""
+  import nltk
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(nltk.data, "path", [str(tmp_path_factory.mktemp("empty_nltk_data"))])
+    yield
+
+
+@pytest.fixture(scope="module")
+def tok():
+  """The real CLIP tokenizer, built from the bundled BPE file."""
+  from lusd_jax.tokenizer import bundled_tokenizer
+
+  return bundled_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1_dir(tmp_path_factory):
   """A complete tiny SD1-style diffusers checkpoint folder (random weights, real tokenizer)."""

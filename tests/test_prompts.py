@@ -15,20 +15,10 @@ import pytest
 from nltk.tag.perceptron import PerceptronTagger
 
 from lusd_jax import prompts
-from lusd_jax.tokenizer import BOS_ID, EOS_ID, bundled_tokenizer, tokenize
+from lusd_jax.tokenizer import BOS_ID, EOS_ID, tokenize
 
-
-@pytest.fixture(scope="module", autouse=True)
-def empty_nltk_data(tmp_path_factory):
-  """No NLTK data anywhere: the tagger must come from the textblob-aptagger wheel."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(nltk.data, "path", [str(tmp_path_factory.mktemp("empty_nltk_data"))])
-    yield
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return bundled_tokenizer()
+# No NLTK data anywhere (conftest): the tagger is the offline one from the textblob-aptagger wheel.
+pytestmark = pytest.mark.usefixtures("no_nltk_data")
 
 
 def _find(tok, source, target, **kw):

@@ -11,24 +11,13 @@ are those of the bundled CLIP tokenizer: every word here is one token except "ne
 import random
 import warnings
 
-import nltk
 import pytest
 
 from lusd_jax import prompts
-from lusd_jax.tokenizer import EOS_ID, bundled_tokenizer, tokenize
+from lusd_jax.tokenizer import EOS_ID, tokenize
 
-
-@pytest.fixture(scope="module", autouse=True)
-def empty_nltk_data(tmp_path_factory):
-  """No NLTK data anywhere: the real tagger is the offline one (as in test_prompts.py)."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(nltk.data, "path", [str(tmp_path_factory.mktemp("empty_nltk_data"))])
-    yield
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return bundled_tokenizer()
+# No NLTK data anywhere (conftest): the tagger is the offline one from the textblob-aptagger wheel.
+pytestmark = pytest.mark.usefixtures("no_nltk_data")
 
 
 # Tags as written (case-sensitive), so that each case's working does not depend on the perceptron.

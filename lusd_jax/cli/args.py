@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import re
 import sys
+from typing import Any, NamedTuple
 
 from lusd_jax import examples, io, loading, methods, pipeline, sharding
 from lusd_jax.lusd.config import ConfigError, LUSDConfig
@@ -286,6 +287,24 @@ def check_before_load(args, configs, seeds, source, target, edit_words, out_flag
     size=args.size, names=flag_name, announce=print,
   )  # fmt: skip
   return mesh
+
+
+class CheckedRun(NamedTuple):
+  """What `edit` and `sweep` run on, every input checked before the model loaded."""
+
+  image: Any  # [size, size, 3] float32 in [0, 1]
+  source: str
+  target: str
+  edit_words: str | None
+  mesh: Any  # sharding.data_mesh or None
+  model: loading.SDModel
+
+
+def check_then_load(args: argparse.Namespace, configs, seeds) -> CheckedRun:
+  """The photo and prompts of `edit`/`sweep`; every check that needs no weights; then the model."""
+  image, source, target, edit_words = inputs_from_args(args)
+  mesh = check_before_load(args, configs, seeds, source, target, edit_words)
+  return CheckedRun(image, source, target, edit_words, mesh, load_model(args))
 
 
 def load_model(args: argparse.Namespace) -> loading.SDModel:

@@ -75,25 +75,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
   """`lusd-jax edit`: every check before the weights load, the edit, then its files (`_save_result`)."""
   seeds = args_lib.seeds_from_args(args)
   config = args_lib.config_from_args(args)
-  image, source, target, edit_words = args_lib.inputs_from_args(args)
-  mesh = args_lib.check_before_load(args, [config], seeds, source, target, edit_words)
-  model = args_lib.load_model(args)
+  run = args_lib.check_then_load(args, [config], seeds)
   t0 = time.time()
   result = pipeline.edit(
-    model,
-    image,
-    source,
-    target,
-    seeds=seeds,
-    config=config,
-    edit_words=edit_words,
-    snapshot_every=args.save_step or None,
-    size=args.size,
-    progress=not args.quiet,
-    announce=lambda _note: None,  # check_before_load printed the notes
-    mesh=mesh,
-  )
-  _save_result(result, model, args, args.out, lambda s: "" if s is None else f"edit_seed{s}.png")
+    run.model, run.image, run.source, run.target, seeds=seeds, config=config, edit_words=run.edit_words,
+    snapshot_every=args.save_step or None, size=args.size, progress=not args.quiet,
+    announce=lambda _note: None,  # check_then_load printed the notes
+    mesh=run.mesh,
+  )  # fmt: skip
+  _save_result(result, run.model, args, args.out, lambda s: "" if s is None else f"edit_seed{s}.png")
   print(f"wrote {args.out}/grid.png and {len(seeds)} edited image(s) in {time.time() - t0:.1f} s")
   return 0
 

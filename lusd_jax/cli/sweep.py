@@ -112,25 +112,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     fixed["num_steps"] = args.num_steps
   base = args_lib.config_from_flags(args_lib.base_config(args), fixed)
   configs, _ = sweeps.grid_configs(base, axes)  # every cell valid before the model loads
-  image, source, target, edit_words = args_lib.inputs_from_args(args)
-  mesh = args_lib.check_before_load(args, [base, *configs], seeds, source, target, edit_words)
-  model = args_lib.load_model(args)
+  run = args_lib.check_then_load(args, [base, *configs], seeds)
   t0 = time.time()
   result = sweeps.sweep(
-    model,
-    image,
-    source,
-    target,
-    grid,
-    seeds=seeds,
-    base_config=base,
-    edit_words=edit_words,
-    size=args.size,
-    progress=not args.quiet,
-    announce=lambda _note: None,  # check_before_load printed the notes
-    mesh=mesh,
-  )
-  write_sweep(result, model, args.out, args.model)
+    run.model, run.image, run.source, run.target, grid, seeds=seeds, base_config=base,
+    edit_words=run.edit_words, size=args.size, progress=not args.quiet,
+    announce=lambda _note: None,  # check_then_load printed the notes
+    mesh=run.mesh,
+  )  # fmt: skip
+  write_sweep(result, run.model, args.out, args.model)
   c, s = len(result.configs), len(result.seeds)
   print(
     f"wrote {os.path.join(args.out, 'sweep_grid.png')} and {c * s} edited image(s) in {time.time() - t0:.1f} s"

@@ -1,5 +1,8 @@
 """Stable Diffusion's U-Net (diffusers `UNet2DConditionModel`, SD 1.x / 2.x) in Flax, NHWC.
 
+(Over 450 lines on purpose: one model in one file that reads top to bottom, as big_vision keeps its
+models; the attention capture is part of the blocks it flows out of.)
+
 Reads top to bottom as diffusers builds it (`unets/unet_2d_condition.py`, `unets/unet_2d_blocks.py`,
 `transformers/transformer_2d.py`, `attention.py`):
 
