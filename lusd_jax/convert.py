@@ -1,6 +1,6 @@
 """Converts a Stable Diffusion checkpoint into lusd-jax's fast-loading format, and verifies it.
 
-    python -m lusd_jax.convert SRC OUT [--dtype bfloat16]      (or: lusd-jax convert SRC OUT)
+    convert(src, out, dtype="float32")      (the command line: lusd-jax convert SRC OUT)
 
 SRC is a local diffusers folder, a Hugging Face repo id, or (with torch and diffusers installed) a
 single-file SD `.ckpt` / `.safetensors`, read with diffusers' `from_single_file` (pass
@@ -16,7 +16,6 @@ It lives inside the package (it was a top-level `convert/` package that imported
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -76,14 +75,3 @@ def convert(
     loading.save_converted(model, out)
   verify_round_trip(model, out)
   return model
-
-
-def main(argv: list[str] | None = None) -> int:
-  """`python -m lusd_jax.convert SRC OUT ...`: the same as `lusd-jax convert SRC OUT ...`."""
-  from lusd_jax.cli import main as cli_main  # the one argument parser and error handler
-
-  return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-  sys.exit(main())

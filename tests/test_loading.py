@@ -1,4 +1,4 @@
-"""load_model on real diffusers folder layouts, its errors, and the lusd_jax.convert round trip."""
+"""load_model on real diffusers folder layouts, its errors, and the `lusd-jax convert` round trip."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from lusd_jax import convert, loading
+from lusd_jax import cli, convert, loading
 from lusd_jax.models import unet as unet_lib
 
 
@@ -131,7 +131,7 @@ def test_bad_dtype(tiny_sd1_dir):
 @pytest.mark.slow
 def test_convert_round_trip(tiny_sd1_dir, tmp_path, capsys):
   out = tmp_path / "converted"
-  assert convert.main([tiny_sd1_dir, str(out)]) == 0
+  assert cli.main(["convert", tiny_sd1_dir, str(out)]) == 0
   assert "round trip verified" in capsys.readouterr().out
   original = loading.load_model(tiny_sd1_dir)
   converted = loading.load_model(str(out))
@@ -142,10 +142,10 @@ def test_convert_round_trip(tiny_sd1_dir, tmp_path, capsys):
 
 
 def test_convert_runs_as_a_module(tmp_path):
-  """`python -m lusd_jax.convert SRC OUT`: the script entry point of the package's converter."""
+  """`python -m lusd_jax.cli convert SRC OUT`: the command line without the installed script."""
   env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(convert.__file__))}
   res = subprocess.run(
-    [sys.executable, "-m", "lusd_jax.convert", str(tmp_path / "nothing_here"), str(tmp_path / "out")],
+    [sys.executable, "-m", "lusd_jax.cli", "convert", str(tmp_path / "nothing_here"), str(tmp_path / "out")],
     capture_output=True,
     text=True,
     env=env,
@@ -164,7 +164,7 @@ def test_converted_folder_errors(tiny_sd1_dir, tmp_path, capsys):
   save_file(flat, out / "vae.safetensors")
   with pytest.raises(loading.ModelLoadError, match=rf"vae.safetensors: missing parameter '{key}'"):
     loading.load_model(str(out))
-  assert convert.main([str(tmp_path / "nothing_here"), str(tmp_path / "o2")]) == 2
+  assert cli.main(["convert", str(tmp_path / "nothing_here"), str(tmp_path / "o2")]) == 2
   assert "error:" in capsys.readouterr().err
 
 
