@@ -78,3 +78,47 @@ def test_package_imports_no_top_level_project_package():
   ]
   assert not bad
   assert not (PACKAGE.parent / "convert").exists()
+
+
+# The floors of README's "Architecture", bottom to top: a module imports only its floor and below.
+FLOORS = (
+  (
+    "lusd_jax.version", "lusd_jax.configs", "lusd_jax.compiler", "lusd_jax.compilation_cache",
+    "lusd_jax.io", "lusd_jax.batchdir", "lusd_jax.tokenizer", "lusd_jax.tiny", "lusd_jax.weights",
+    "lusd_jax.schedule", "lusd_jax.sharding", "lusd_jax.prompts", "lusd_jax.visual",
+    "lusd_jax.examples", "lusd_jax.models",
+  ),
+  ("lusd_jax.loading", "lusd_jax.convert"),
+  ("lusd_jax.engine",),
+  ("lusd_jax.lusd",),
+  ("lusd_jax.methods", "lusd_jax.prepare"),
+  ("lusd_jax.pipeline", "lusd_jax.sweeps", "lusd_jax.evaluation"),
+  ("lusd_jax.cli",),
+)  # fmt: skip
+
+
+def _floor(module: str) -> int:
+  for i, names in enumerate(FLOORS):
+    if _under(module, set(names)):
+      return i
+  raise AssertionError(f"{module} is on no floor of FLOORS: place it (and in README's diagram)")
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@pytest.mark.parametrize(
+  "path", [p for p in sorted(PACKAGE.rglob("*.py")) if p != PACKAGE / "__init__.py"], ids=_module_name
+)
+def test_no_module_imports_from_a_floor_above(path):
+  me = _floor(_module_name(path))
+  up = []
+  for line, imported in _project_imports(path):
+    target = imported
+    while target.count(".") > 1 and not (PACKAGE.parent / (target.replace(".", "/") + ".py")).exists():
+      target = target.rsplit(".", 1)[0]  # `from lusd_jax.io import InputError` -> lusd_jax.io
+    if target != "lusd_jax" and _floor(target) > me:
+      up.append(f"line {line}: {imported}")
+  assert not up, f"{_module_name(path)} (floor {me}) imports from above: {up}"
