@@ -1,5 +1,8 @@
 """Image files in and out, JSON records, atomic writes, and the input checks that run before a model loads.
 
+(About 450 lines: most of it is the image conversions the official code gets wrong, kept beside
+the loader that needs them.)
+
 Everything a user can get wrong here (a missing or corrupt image, a bad `--size`, a seed out of
 range, an output folder that cannot be written) raises `InputError` with one line that names the
 file or argument; the CLI prints that line and exits with status 2. The batch folder format
