@@ -38,8 +38,9 @@ def next_step_f64(abar: np.ndarray, final_abar: float, ratio: int, eps, t: int, 
 class NullInversion:
   """P2P's `NullInversion` with the U-Net as the only model (latents in, latents out)."""
 
-  def __init__(self, unet, num_steps: int, guidance: float = 7.5):
+  def __init__(self, unet, num_steps: int, guidance: float = 7.5, v_prediction: bool = False):
     self.unet = unet
+    self.v_prediction = v_prediction
     self.scheduler = p2p_scheduler(num_steps)
     self.num_steps = num_steps
     self.guidance = guidance
@@ -60,13 +61,20 @@ class NullInversion:
     x0 = (x - (1 - a_lo) ** 0.5 * eps) / a_lo**0.5
     return a_hi**0.5 * x0 + (1 - a_hi) ** 0.5 * eps
 
+  def as_eps(self, out, t, x):
+    """P2P assumes an eps model; a v-prediction becomes eps = sqrt(abar_t) v + sqrt(1 - abar_t) x."""
+    if not self.v_prediction:
+      return out
+    a_t = self.scheduler.alphas_cumprod[t]
+    return a_t**0.5 * out + (1 - a_t) ** 0.5 * x
+
   def eps_single(self, x, t, ctx):
-    return self.unet(x, t, encoder_hidden_states=ctx).sample
+    return self.as_eps(self.unet(x, t, encoder_hidden_states=ctx).sample, t, x)
 
   def guided_step(self, x, t, uncond, cond):
     """P2P `get_noise_pred(..., is_forward=False)`: one call on [uncond, cond], then `prev_step`."""
     out = self.unet(torch.cat([x] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-    eps_u, eps_c = out.chunk(2)
+    eps_u, eps_c = self.as_eps(out, t, torch.cat([x] * 2)).chunk(2)
     return self.prev_step(eps_u + self.guidance * (eps_c - eps_u), t, x)
 
   @torch.no_grad()

@@ -23,9 +23,16 @@ from tests import nti_reference as ref_lib
 
 N = 5
 HW = 16
-# Per-step parity: max |jax - torch| over the latent <= (k + 1) * STEP_RTOL * max |torch| after k
-# steps (each step adds one U-Net call's parity error, ~1e-4 of its output, to the carry).
-STEP_RTOL = 2e-4
+# Trajectory parity: max |jax - torch| <= k * STEP_RTOL * max |torch| for a latent k U-Net steps from
+# the start (each step adds one U-Net call's float32 error to the carry). Measured on this model: about
+# 1.3e-7 per inversion step and 2.7e-6 after the first w = 7.5 sampling step.
+STEP_RTOL = 1e-5
+# Null embeddings, relative to the move Adam made (max |torch - start|): the 99th percentile of
+# |jax - torch| <= NULL_Q99_RTOL (measured <= 1e-4: a wrong lr or a missed step moves every entry by
+# percents), the max <= NULL_MAX_RTOL (measured <= 1.7e-2, at 2-4 of 2464 entries: Adam divides by
+# sqrt(v), so float32 differences in tiny gradients show where the gradient nearly vanishes).
+NULL_Q99_RTOL = 1e-3
+NULL_MAX_RTOL = 1e-1
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +79,23 @@ def test_ddim_inversion_matches_torch(inverted, tiny):
   assert_trajectory_close(traj, want, order=range(N + 1))
   # Each level really moved (an identity loop would pass the parity check with a broken reference).
   assert all(np.abs(want[k + 1] - want[k]).max() > 1e-2 for k in range(N))
+
+
+def test_ddim_inversion_of_a_v_prediction_model_matches_torch():
+  """SD2-shaped tiny U-Net (linear projections, upcast attention) read as a v-prediction model."""
+  torch_model = builders.tiny_unet("sd2")
+  cfg = unet.UNetConfig.from_dict(dict(torch_model.config))
+  params = unet.params_from_torch(builders.torch_state_dict(torch_model), cfg)
+  rng = np.random.default_rng(1)
+  z0 = rng.standard_normal((8, 8, 4)).astype(np.float32)
+  cond = rng.standard_normal((77, cfg.cross_attention_dim)).astype(np.float32)
+  s = sch.Schedule(prediction_type="v_prediction")
+  got = inv.ddim_invert(core.FlaxUNet(cfg), params, s, z0, cond, num_steps=N)
+  ref = ref_lib.NullInversion(torch_model, N, v_prediction=True)
+  want = np.stack([from_torch(x) for x in ref.ddim_loop(to_torch(z0), torch.from_numpy(cond)[None])])
+  assert_trajectory_close(got, want, order=range(N + 1))
+  eps_read = inv.ddim_invert(core.FlaxUNet(cfg), params, sch.Schedule(), z0, cond, num_steps=N)
+  assert np.abs(np.asarray(eps_read[-1]) - want[-1]).max() > 1e-2  # the conversion mattered
 
 
 def test_guided_sampling_matches_torch(tiny):
@@ -147,13 +171,13 @@ def test_null_text_inversion_matches_torch(tiny, inverted, never_stops, case):
   got = inv.null_text_inversion(fn, params, sch.Schedule(), inverted[0], cond, null, 3, 7.5, epsilon)
   assert got.null_embeddings.shape == (N, 77, null.shape[-1]) and got.inner_steps.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got.inner_steps), counts_ref)
-  np.testing.assert_allclose(np.asarray(got.losses), [s[-1] for s in losses_ref], rtol=2e-3)
+  np.testing.assert_allclose(np.asarray(got.losses), [s[-1] for s in losses_ref], rtol=1e-4)
   want = np.stack([e[0].numpy() for e in nulls_ref])
   for i in range(N):
     moved = np.abs(want[i] - null).max()
-    err = np.abs(np.asarray(got.null_embeddings[i]) - want[i]).max()
-    # Adam's first steps move every entry by about lr; parity is a small fraction of that move.
-    assert err <= 0.02 * moved, (i, err, moved)
+    err = np.abs(np.asarray(got.null_embeddings[i]) - want[i])
+    assert np.quantile(err, 0.99) <= NULL_Q99_RTOL * moved, (i, np.quantile(err, 0.99), moved)
+    assert err.max() <= NULL_MAX_RTOL * moved, (i, err.max(), moved)
 
 
 def test_null_text_inversion_reconstructs_better_than_ddim_inversion(tiny, inverted):
