@@ -1,15 +1,19 @@
-"""The DDPM noise schedule of a Stable Diffusion checkpoint, as pure functions.
+"""The DDPM noise schedule of a Stable Diffusion checkpoint and the DDIM updates, as pure functions.
 
 Score distillation only needs the forward process: `abar_t` (diffusers' `alphas_cumprod`),
 noising `z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps`, and turning a v-prediction back into an
-epsilon-prediction. `Schedule` holds the keys of a diffusers `scheduler/scheduler_config.json`
-that define the schedule; everything else in that file (the sampler's settings) is ignored.
+epsilon-prediction. DDIM sampling and inversion (`lusd_jax.inversion`) add the deterministic
+(eta = 0) DDIM step, its inverse in Prompt-to-Prompt's convention, and diffusers' "leading" timesteps.
+`Schedule` holds the keys of a diffusers `scheduler/scheduler_config.json` that define these;
+every other key in that file is ignored.
 
 Example:
 
   schedule = Schedule.from_json("sd15/scheduler/scheduler_config.json")
   abar_T = alphas_cumprod(schedule)
   z_t = add_noise(abar_T, z, eps, t)
+  ts = ddim_timesteps(schedule, 50)  # 981, 961, ..., 1 for SD1.x
+  z_prev = ddim_step(schedule, eps, ts[0], ts[0] - ddim_step_ratio(schedule, 50), z_t)
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ class Schedule:
     beta_end: beta_{T-1}.
     beta_schedule: "scaled_linear" (betas linear in sqrt space, every SD checkpoint) or "linear".
     prediction_type: what the U-Net predicts: "epsilon" (SD1.x, SD2-base) or "v_prediction" (SD2-768).
+    steps_offset: added to every DDIM timestep ("leading" spacing); 1 in every SD checkpoint.
+    set_alpha_to_one: whether the DDIM step that lands below t = 0 uses abar = 1 (True) or abar_0
+      (False, every SD checkpoint); the same value starts the inversion (the clean latent's level).
+    clip_sample: whether a DDIM step clips its predicted x_0 to [-clip_sample_range, clip_sample_range].
+    clip_sample_range: the clipping bound.
+
+  The defaults are SD1.x's values (not diffusers' class defaults), so a config that lacks a key reads
+  as SD1.x; diffusers' DDIM/PNDM configs always carry these keys.
   """
 
   num_train_timesteps: int = 1000
@@ -46,6 +58,10 @@ class Schedule:
   beta_end: float = 0.012
   beta_schedule: str = "scaled_linear"
   prediction_type: str = "epsilon"
+  steps_offset: int = 1
+  set_alpha_to_one: bool = False
+  clip_sample: bool = False
+  clip_sample_range: float = 1.0
 
   def __post_init__(self):
     if self.num_train_timesteps < 2:
@@ -60,10 +76,14 @@ class Schedule:
       raise ValueError(
         f"unsupported prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}"
       )
+    if not 0 <= self.steps_offset < self.num_train_timesteps:
+      raise ValueError(f"steps_offset must be in [0, {self.num_train_timesteps}), got {self.steps_offset}")
+    if not self.clip_sample_range > 0:
+      raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
 
   @classmethod
   def from_dict(cls, config: dict[str, Any]) -> Schedule:
-    """Builds a schedule from a diffusers scheduler config dict (sampler-only keys are ignored).
+    """Builds a schedule from a diffusers scheduler config dict (other samplers' keys are ignored).
 
     Raises:
       ValueError: for `trained_betas` or `rescale_betas_zero_snr`, which are not supported.
@@ -90,12 +110,17 @@ def alphas_cumprod(schedule: Schedule) -> jax.Array:
   Returns:
     abar_T: [T] float32.
   """
+  return jnp.asarray(_alphas_cumprod_np(schedule))
+
+
+def _alphas_cumprod_np(schedule: Schedule) -> np.ndarray:
+  """`alphas_cumprod` as numpy: concrete also while tracing."""
   n = schedule.num_train_timesteps
   if schedule.beta_schedule == "scaled_linear":
     betas = np.linspace(schedule.beta_start**0.5, schedule.beta_end**0.5, n, dtype=np.float32) ** 2
   else:
     betas = np.linspace(schedule.beta_start, schedule.beta_end, n, dtype=np.float32)
-  return jnp.asarray(np.cumprod(1.0 - betas, dtype=np.float32))
+  return np.cumprod(1.0 - betas, dtype=np.float32)
 
 
 def _coef(values_T: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
@@ -154,3 +179,104 @@ def eps_from_model_output(
   if prediction_type == "v_prediction":
     return v_to_eps(abar_T, z_t, model_output, t)
   raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+# ----------------------------------------------------------------------------- DDIM
+
+
+def ddim_step_ratio(schedule: Schedule, num_inference_steps: int) -> int:
+  """T // N: the distance between DDIM timesteps (diffusers' "leading" spacing and P2P)."""
+  return schedule.num_train_timesteps // num_inference_steps
+
+
+def ddim_timesteps(schedule: Schedule, num_inference_steps: int) -> np.ndarray:
+  """The DDIM timesteps, high to low, as diffusers' `DDIMScheduler.set_timesteps` ("leading").
+
+  Args:
+    schedule: the schedule (`num_train_timesteps`, `steps_offset`).
+    num_inference_steps: N, in [1, T].
+
+  Returns:
+    [N] int32: (N - 1 - k) * (T // N) + steps_offset for k = 0..N-1 (SD1.x, N = 50: 981, 961, ..., 1).
+
+  Raises:
+    ValueError: for N outside [1, T].
+  """
+  n, big_t = num_inference_steps, schedule.num_train_timesteps
+  if not 1 <= n <= big_t:
+    raise ValueError(f"num_inference_steps must be in [1, {big_t}], got {n}")
+  ratio = ddim_step_ratio(schedule, n)
+  return (np.arange(n - 1, -1, -1, dtype=np.int64) * ratio + schedule.steps_offset).astype(np.int32)
+
+
+def final_alpha_cumprod(schedule: Schedule) -> float:
+  """abar "below" t = 0: 1 when `set_alpha_to_one`, else abar_0 (diffusers' `final_alpha_cumprod`)."""
+  return 1.0 if schedule.set_alpha_to_one else float(_alphas_cumprod_np(schedule)[0])
+
+
+def alpha_bar_at(schedule: Schedule, t: jax.Array) -> jax.Array:
+  """abar_t for an int timestep, `final_alpha_cumprod` where t < 0; t is clipped to T - 1 above.
+
+  Returns:
+    float32 shaped like t.
+  """
+  abar_T = alphas_cumprod(schedule)
+  t = jnp.asarray(t)
+  inside = abar_T[jnp.clip(t, 0, schedule.num_train_timesteps - 1)]
+  return jnp.where(t >= 0, inside, jnp.float32(final_alpha_cumprod(schedule)))
+
+
+def _ddim_move(a_from: jax.Array, a_to: jax.Array, eps: jax.Array, x: jax.Array, clip: float | None):
+  """x at level abar = a_from -> level a_to along the predicted x_0 and eps (DDIM Eq. 12, eta = 0)."""
+  a_from, a_to = a_from.astype(x.dtype), a_to.astype(x.dtype)
+  x0 = (x - jnp.sqrt(1.0 - a_from) * eps) / jnp.sqrt(a_from)
+  if clip is not None:
+    x0 = jnp.clip(x0, -clip, clip)
+  return jnp.sqrt(a_to) * x0 + jnp.sqrt(1.0 - a_to) * eps
+
+
+def ddim_step(
+  schedule: Schedule, eps: jax.Array, t: jax.Array, t_prev: jax.Array, x_t: jax.Array
+) -> jax.Array:
+  """One deterministic DDIM step x_t -> x_{t_prev} (diffusers' `DDIMScheduler.step`, eta = 0).
+
+  UnifyEdit Eq. 3 (alpha meaning abar). The step that lands below t = 0 (t_prev < 0, the last one of
+  a "leading" schedule) uses `final_alpha_cumprod`, as diffusers does. The predicted x_0 is clipped
+  when `schedule.clip_sample`; eps is not re-derived from the clipped x_0 (diffusers' default).
+
+  Args:
+    schedule: the schedule.
+    eps: the epsilon-prediction at (x_t, t), shaped like x_t (convert a v-prediction first with
+      `eps_from_model_output`).
+    t: scalar int timestep of x_t.
+    t_prev: scalar int timestep to step to, t - T // N (may be negative).
+    x_t: the latent at t.
+
+  Returns:
+    x_{t_prev} shaped like x_t.
+  """
+  clip = schedule.clip_sample_range if schedule.clip_sample else None
+  return _ddim_move(alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_prev), eps, x_t, clip)
+
+
+def ddim_inverse_step(
+  schedule: Schedule, eps: jax.Array, t_next: jax.Array, t: jax.Array, x_t: jax.Array
+) -> jax.Array:
+  """One DDIM inversion step x_t -> x_{t_next}, in Prompt-to-Prompt's convention (`next_step`).
+
+  UnifyEdit Eq. 4. eps is the U-Net evaluated on x_t (the lower noise level) with the higher timestep
+  t_next; t = t_next - T // N, and for the first step (t < 0) the clean latent's level is
+  `final_alpha_cumprod`. Never clips (as P2P; diffusers' `DDIMInverseScheduler` clips when
+  `clip_sample`).
+
+  Args:
+    schedule: the schedule.
+    eps: the epsilon-prediction at (x_t, t_next), shaped like x_t.
+    t_next: scalar int timestep to step to (the U-Net's timestep).
+    t: scalar int timestep of x_t, t_next - T // N (negative for the first step).
+    x_t: the latent at t.
+
+  Returns:
+    x_{t_next} shaped like x_t.
+  """
+  return _ddim_move(alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_next), eps, x_t, None)
