@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from lusd_jax import schedule as schedule_lib
+from lusd_jax.compiler import jit
 
 # Prompt-to-Prompt's null-text inversion defaults.
 NTI_GUIDANCE = 7.5
@@ -76,7 +77,7 @@ def _step_pairs(schedule, num_steps: int) -> tuple[jax.Array, jax.Array]:
   return jnp.asarray(ts), jnp.asarray(ts - ratio)
 
 
-@functools.partial(jax.jit, static_argnames=("unet_fn", "schedule", "num_steps"))
+@functools.partial(jit, static_argnames=("unet_fn", "schedule", "num_steps"))
 def ddim_invert(unet_fn, params, schedule, z0_hwc: jax.Array, ctx_LD: jax.Array, *, num_steps: int):
   """DDIM inversion with guidance 1 (the source prompt only): P2P's `ddim_loop`.
 
@@ -108,7 +109,7 @@ def ddim_invert(unet_fn, params, schedule, z0_hwc: jax.Array, ctx_LD: jax.Array,
   return jnp.concatenate([z0[None], zs])
 
 
-@functools.partial(jax.jit, static_argnames=("unet_fn", "schedule"))
+@functools.partial(jit, static_argnames=("unet_fn", "schedule"))
 def guided_sample(
   unet_fn, params, schedule, zT_hwc: jax.Array, ctx_cond_LD, null_LD: jax.Array, guidance=NTI_GUIDANCE
 ):
@@ -160,7 +161,7 @@ class _Inner(NamedTuple):
   stop: jax.Array  # bool: early stop reached
 
 
-@functools.partial(jax.jit, static_argnames=("unet_fn", "schedule"))
+@functools.partial(jit, static_argnames=("unet_fn", "schedule"))
 def null_text_inversion(
   unet_fn,
   params,

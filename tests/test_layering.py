@@ -89,7 +89,7 @@ FLOORS = (
     "lusd_jax.examples", "lusd_jax.models",
   ),
   ("lusd_jax.loading", "lusd_jax.convert"),
-  ("lusd_jax.engine",),
+  ("lusd_jax.engine", "lusd_jax.inversion"),
   ("lusd_jax.lusd",),
   ("lusd_jax.methods", "lusd_jax.prepare"),
   ("lusd_jax.pipeline", "lusd_jax.sweeps", "lusd_jax.evaluation"),
