@@ -449,6 +449,12 @@ def save_png(path: str | os.PathLike, x: Any, rounding: str = "round") -> Path:
   return _atomic_write(path, lambda f: im.save(f, format="PNG"), binary=True)
 
 
+def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> Path:
+  """Saves named arrays as an uncompressed `.npz` atomically (see `save_png`)."""
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  return _atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
 def _json_default(obj: Any) -> Any:
   """Makes NumPy / JAX values, paths and dataclasses JSON-serializable."""
   if isinstance(obj, np.generic):

@@ -63,7 +63,8 @@ def decode_latents(model: SDModel, z_SHWC):
   return np.stack([np.asarray(x, np.float32) for x in out])
 
 
-def _prepare_image(image, size: int) -> np.ndarray:
+def preprocess_image(image, size: int) -> np.ndarray:
+  """A path, PIL image or array as the [size, size, 3] float32 input of an edit (crop, resize)."""
   io.validate_size(size)
   if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
     return io.load_image(image, size)
@@ -195,7 +196,7 @@ def prepare_edit(
     model.tokenizer, model.configs.schedule, source_prompt, target_prompt, seeds, config, edit_words,
     token_positions=token_positions, size=size, announce=announce,
   )  # fmt: skip
-  x = _prepare_image(image, size)
+  x = preprocess_image(image, size)
   ctx = encode_prompts(model, [source_prompt, target_prompt])
   z_src = encode_image(model, x)
   inputs = core.EditInputs(z_src, ctx[0], ctx[1], jnp.asarray(edit_tokens.token_mask()))

@@ -92,7 +92,7 @@ FLOORS = (
   ("lusd_jax.engine", "lusd_jax.inversion"),
   ("lusd_jax.lusd",),
   ("lusd_jax.methods", "lusd_jax.prepare"),
-  ("lusd_jax.pipeline", "lusd_jax.sweeps", "lusd_jax.evaluation"),
+  ("lusd_jax.pipeline", "lusd_jax.sweeps", "lusd_jax.evaluation", "lusd_jax.reconstruction"),
   ("lusd_jax.cli",),
 )  # fmt: skip
 

@@ -32,6 +32,7 @@ from lusd_jax.cli.convert import add_convert_arguments, cmd_convert
 from lusd_jax.cli.edit import _save_result as _save_result  # the tests write a result with it
 from lusd_jax.cli.edit import add_batch_arguments, add_edit_arguments, cmd_batch, cmd_edit
 from lusd_jax.cli.evaluate import add_eval_arguments, cmd_eval
+from lusd_jax.cli.invert import add_invert_arguments, cmd_invert
 from lusd_jax.cli.sweep import add_sweep_arguments, cmd_sweep, write_sweep
 
 __all__ = [
@@ -59,6 +60,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
   "sweep": cmd_sweep,
   "convert": cmd_convert,
   "eval": cmd_eval,
+  "invert": cmd_invert,
 }
 
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
   )
   add_eval_arguments(sub.add_parser("eval", help="score result folders (CLIP-T, CLIP-AUC, L1*, CLIP-I*)"))
+  add_invert_arguments(sub.add_parser("invert", help="invert a photo (null-text) and reconstruct it"))
   return p
 
 

@@ -1,0 +1,155 @@
+"""Invert a photo and reconstruct it: DDIM inversion, optionally null-text inversion, guided sampling.
+
+`invert(model, image, source)` encodes the photo, inverts its latent with DDIM (guidance 1, the source
+prompt), optimizes the per-step null embeddings (null-text inversion, Prompt-to-Prompt's defaults)
+and samples back from z_T with guidance w, so that the reconstruction shows what the inversion
+keeps. The result holds what UnifyEdit's two branches start from (z_T and the null embeddings),
+and `lusd-jax invert` writes it to an `.npz` record that later commands can reuse.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lusd_jax import inversion, io, prepare
+from lusd_jax import schedule as schedule_lib
+from lusd_jax.loading import SDModel
+from lusd_jax.lusd import core
+
+
+class Inversion(NamedTuple):
+  """What `invert` returns (N = DDIM steps; h, w = latent size; L, D = text tokens and width)."""
+
+  input_image: np.ndarray  # [H, W, 3] float32 in [0, 1], preprocessed
+  source_prompt: str
+  timesteps: np.ndarray  # [N] int: the DDIM timesteps, high noise first
+  trajectory: np.ndarray  # [N + 1, h, w, 4]: z_0 (the photo's latent) .. z_T
+  null_embeddings: np.ndarray  # [N, L, D]: per-step null embeddings ("" repeated without null-text)
+  inner_steps: np.ndarray | None  # [N] Adam steps per step (None without null-text inversion)
+  losses: np.ndarray | None  # [N] last inner loss per step
+  reconstruction: np.ndarray  # [H, W, 3] float32: guided sampling from z_T, decoded
+  latent_error: float  # mean squared error of the reconstructed latent against z_0
+  psnr_db: float  # PSNR of the reconstruction against the input image
+  timings: dict
+
+
+def invert(
+  model: SDModel,
+  image,
+  source_prompt: str,
+  *,
+  num_steps: int = 50,
+  null_text: bool = True,
+  guidance: float = inversion.NTI_GUIDANCE,
+  inner_steps: int = inversion.NTI_INNER_STEPS,
+  size: int = 512,
+  announce=None,
+) -> Inversion:
+  """Inverts `image` under `source_prompt` and reconstructs it.
+
+  Args:
+    model: from `lusd_jax.load_model`.
+    image: a path, a PIL image or an [H, W, 3] array (center-cropped and resized as `edit` does).
+    source_prompt: describes the photo.
+    num_steps: N, DDIM steps (50 in Prompt-to-Prompt and UnifyEdit).
+    null_text: optimize the per-step null embeddings (else the "" embedding at every step).
+    guidance: w of the reconstruction (and of null-text inversion).
+    inner_steps: most Adam steps per step of null-text inversion.
+    size: image side, a multiple of 64.
+    announce: where to print one line per phase (default: nowhere).
+
+  Returns:
+    `Inversion`.
+  """
+  check_inversion(num_steps, guidance, inner_steps, model.configs.schedule.num_train_timesteps)
+  announce = announce or (lambda _msg: None)
+  schedule = model.configs.schedule
+  unet_fn = core.FlaxUNet(model.configs.unet, model.unet_dtype)
+  params = model.params.unet
+  timings = {}
+  t0 = time.perf_counter()
+  x = prepare.preprocess_image(image, size)
+  ctx_src, ctx_empty = prepare.encode_prompts(model, [source_prompt, ""])
+  z0 = prepare.encode_image(model, x)
+  timings["encode_s"] = time.perf_counter() - t0
+
+  announce(f"DDIM inversion: {num_steps} steps")
+  t1 = time.perf_counter()
+  trajectory = inversion.ddim_invert(unet_fn, params, schedule, z0, ctx_src, num_steps=num_steps)
+  timings["ddim_inversion_s"] = _ready_seconds(trajectory, t1)
+  nti = None
+  if null_text:
+    announce(f"null-text inversion: {num_steps} steps x at most {inner_steps} Adam steps")
+    t2 = time.perf_counter()
+    nti = inversion.null_text_inversion(
+      unet_fn,
+      params,
+      schedule,
+      trajectory,
+      ctx_src,
+      ctx_empty,
+      num_inner_steps=inner_steps,
+      guidance=guidance,
+    )
+    timings["null_text_s"] = _ready_seconds(nti, t2)
+    nulls = nti.null_embeddings
+  else:
+    nulls = jnp.broadcast_to(ctx_empty, (num_steps,) + ctx_empty.shape)
+  announce(f"reconstruction: {num_steps} guided DDIM steps (w = {guidance:g})")
+  t3 = time.perf_counter()
+  z_rec = inversion.guided_sample(unet_fn, params, schedule, trajectory[-1], ctx_src, nulls, guidance)[0]
+  rec = prepare.decode_latents(model, z_rec[None])[0]
+  timings["reconstruction_s"] = time.perf_counter() - t3
+  mse_image = float(np.mean((rec - x) ** 2))
+  return Inversion(
+    input_image=x,
+    source_prompt=source_prompt,
+    timesteps=schedule_lib.ddim_timesteps(schedule, num_steps),
+    trajectory=np.asarray(trajectory),
+    null_embeddings=np.asarray(nulls),
+    inner_steps=None if nti is None else np.asarray(nti.inner_steps),
+    losses=None if nti is None else np.asarray(nti.losses),
+    reconstruction=rec,
+    latent_error=float(jnp.mean((z_rec - z0) ** 2)),
+    psnr_db=float(10 * np.log10(1.0 / max(mse_image, 1e-12))),
+    timings=timings,
+  )
+
+
+def check_inversion(
+  num_steps, guidance, inner_steps, num_train_timesteps: int, flag=lambda name: name
+) -> None:
+  """The settings of an inversion, checked before any weights load; `flag` names them (CLI: "--steps")."""
+  if (
+    isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps
+  ):
+    raise io.InputError(
+      f"{flag('num_steps')} must be an int in [1, {num_train_timesteps}], got {num_steps!r}"
+    )
+  if not np.isfinite(guidance) or guidance < 0:
+    raise io.InputError(f"{flag('guidance')} must be a finite number >= 0, got {guidance!r}")
+  if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+    raise io.InputError(f"{flag('inner_steps')} must be an int >= 1, got {inner_steps!r}")
+
+
+def record(result: Inversion) -> dict:
+  """The arrays of an inversion for `np.savez` (what UnifyEdit reuses: z_T and the null embeddings)."""
+  out = {
+    "z_T": result.trajectory[-1],
+    "trajectory": result.trajectory,
+    "null_embeddings": result.null_embeddings,
+    "timesteps": result.timesteps,
+  }
+  if result.inner_steps is not None:
+    out |= {"inner_steps": result.inner_steps, "losses": result.losses}
+  return out
+
+
+def _ready_seconds(tree, t0: float) -> float:
+  jax.block_until_ready(tree)
+  return time.perf_counter() - t0
