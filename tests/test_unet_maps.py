@@ -26,6 +26,11 @@ from tests.test_unet import MAPS_ATOL, assert_parity, inputs, make
 # differently in every layer (conv and matmul orders, GroupNorm variance); the maps' gradients go
 # through softmax Jacobians of the whole U-Net above the layer, so the float32 noise grows to ~1e-4.
 GRAD_RTOL = 2e-3
+# A single head's probabilities carry the float32 drift of the activations that the head mean
+# averages down. Measured on SD1.5 at a 32x32 latent (random weights, t = 981): per-head maps differ
+# from PyTorch's by at most 4.1e-5 (peaked heads, p ~ 0.99, at the 8x8 and 4x4 levels), their head
+# means by at most 7.2e-6 (within `MAPS_ATOL`); the tiny model stays below 1e-6.
+PER_HEAD_ATOL = 1e-4
 
 
 class LayerRecorder:
@@ -61,7 +66,9 @@ def record_layers(model) -> list:
 
 
 def torch_run(model, x_BHWC, t, ctx_BLD, grad: bool = False):
-  """(eps NHWC, records, latent tensor) of one PyTorch forward; with `grad`, the graph is kept."""
+  """(eps NHWC, records, latent tensor) of one PyTorch forward; with `grad`, the graph is kept (the
+  latent is the only leaf that requires a gradient: no parameter gradients are stored)."""
+  model.requires_grad_(False)
   records = record_layers(model)
   x = torch.from_numpy(x_BHWC.transpose(0, 3, 1, 2).copy()).requires_grad_(grad)
   with torch.set_grad_enabled(grad):
@@ -86,7 +93,8 @@ def assert_layers_match(got, layers, records, heads, rows):
   for g, w, info in zip(got, want, layers, strict=True):
     assert g.shape == w.shape and g.dtype == jnp.float32, (info.name, g.shape, w.shape)
     assert w.shape[-2] == info.hw[0] * info.hw[1]
-    np.testing.assert_allclose(np.asarray(g), w, atol=MAPS_ATOL, rtol=0, err_msg=info.name)
+    atol = PER_HEAD_ATOL if heads == "all" else MAPS_ATOL
+    np.testing.assert_allclose(np.asarray(g), w, atol=atol, rtol=0, err_msg=info.name)
     np.testing.assert_allclose(np.asarray(g).sum(-1), 1.0, atol=1e-5, err_msg=info.name)
 
 
@@ -265,13 +273,16 @@ def loss_weights(layers, seed, heads_dim=()):
 
 
 def jax_value_and_grad(cfg, params, spec, ctx, t, w_self, w_cross, **kw):
+  """x -> ((loss, maps), d loss / dx), jitted; params are an argument, not constants baked into the
+  program (SD1.5's would be copied into it)."""
   model = unet.UNet2DConditionModel(cfg, **kw)
 
-  def loss(x):
-    _, maps = model.apply({"params": params}, x, t, ctx, capture=spec)
+  def loss(x, p):
+    _, maps = model.apply({"params": p}, x, t, ctx, capture=spec)
     return map_loss(maps.self_layers, maps.cross_layers, w_self, w_cross), maps
 
-  return jax.jit(jax.value_and_grad(loss, has_aux=True))
+  value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  return lambda x: value_and_grad(x, params)
 
 
 def torch_value_and_grad(torch_model, x, t, ctx, layers, heads, rows, w_self, w_cross):
@@ -283,6 +294,7 @@ def torch_value_and_grad(torch_model, x, t, ctx, layers, heads, rows, w_self, w_
   cross_maps = [reduce(pick(i)) for i in layers.cross_layers]
   loss = map_loss(self_maps, cross_maps, torch.from_numpy(w_self), torch.from_numpy(w_cross), xp=torch)
   loss.backward()
+  records = [(name, p.detach()) for name, p in records]  # drop the graph
   return float(loss.detach()), x_t.grad.numpy().transpose(0, 2, 3, 1), records
 
 
@@ -358,25 +370,28 @@ def test_sd15_architecture_per_layer_maps_and_grad():
   recorded ones; the head-mean maps of a loss over two layers and its gradient equal torch autograd."""
   import gc
 
+  # One batch row (slices are tested on the tiny model) and one copy of the weights at a time.
+
   torch_model = builders.tiny_unet("sd15")
   cfg = unet.UNetConfig.from_dict(dict(torch_model.config))
-  x, ctx = inputs(cfg, 2, 32, 32, seed=17)
-  t = np.array([981, 981])
-  spec_all = unet.CaptureSpec.per_layer_maps(heads="all", batch=(1, 2))
+  x, ctx = inputs(cfg, 1, 32, 32, seed=17)
+  t = np.array([981])
+  spec_all = unet.CaptureSpec.per_layer_maps(heads="all")
   layers_all = unet.map_layers(cfg, (32, 32), spec_all)
-  grad_spec = unet.CaptureSpec.per_layer_maps(self_res=(32, 8), cross_res=16, batch=(1, 2))
+  grad_spec = unet.CaptureSpec.per_layer_maps(self_res=(32, 8), cross_res=16)
   layers = unet.map_layers(cfg, (32, 32), grad_spec)
   w_self, w_cross = loss_weights(layers, 18)
   ref, records, _ = torch_run(torch_model, x, t, ctx)
   ref_value, ref_g, grad_records = torch_value_and_grad(
-    torch_model, x, t, ctx, layers, "mean", (1, 2), w_self, w_cross
+    torch_model, x, t, ctx, layers, "mean", (0, 1), w_self, w_cross
   )
-  ref_all = {n: p[1:2].numpy() for n, p in records}
+  ref_all = {n: p.numpy() for n, p in records}
   state_dict = builders.torch_state_dict(torch_model)
   del torch_model, records
   gc.collect()
   params = unet.params_from_torch(state_dict, cfg)
   del state_dict
+  params = jax.tree.map(jnp.asarray, params)  # one copy of the weights, on the device
   gc.collect()
 
   out, maps = forward(cfg, spec_all)(params, x, t, ctx)
@@ -388,14 +403,20 @@ def test_sd15_architecture_per_layer_maps_and_grad():
   ):
     for g, info in zip(got, infos, strict=True):
       assert g.shape == ref_all[info.name].shape == (1, 8, info.hw[0] * info.hw[1], g.shape[-1])
-      np.testing.assert_allclose(np.asarray(g), ref_all[info.name], atol=MAPS_ATOL, rtol=0, err_msg=info.name)
+      np.testing.assert_allclose(
+        np.asarray(g), ref_all[info.name], atol=PER_HEAD_ATOL, rtol=0, err_msg=info.name
+      )
+      # The head mean of the same maps meets the head-mean tolerance.
+      np.testing.assert_allclose(
+        np.asarray(g).mean(1), ref_all[info.name].mean(1), atol=MAPS_ATOL, rtol=0, err_msg=info.name
+      )
   del maps, ref_all
   gc.collect()
 
   (value, maps), g = jax_value_and_grad(cfg, params, grad_spec, ctx, t, w_self, w_cross)(jnp.asarray(x))
   assert [i.hw[0] for i in layers.self_layers] == [32, 32, 8, 8, 8, 8, 8, 32, 32, 32]
-  assert_layers_match(maps.self_layers, layers.self_layers, grad_records, "mean", (1, 2))
-  assert_layers_match(maps.cross_layers, layers.cross_layers, grad_records, "mean", (1, 2))
+  assert_layers_match(maps.self_layers, layers.self_layers, grad_records, "mean", (0, 1))
+  assert_layers_match(maps.cross_layers, layers.cross_layers, grad_records, "mean", (0, 1))
   np.testing.assert_allclose(float(value), ref_value, rtol=1e-5)
   err = np.abs(np.asarray(g) - ref_g).max()
   assert err <= GRAD_RTOL * np.abs(ref_g).max(), (err, np.abs(ref_g).max())
