@@ -18,6 +18,8 @@ and the U-Net averages them over those layers. Every layer computes its output t
 `dot_product_attention` call whether or not it is captured; a captured layer recomputes its
 probabilities on the side, for the selected batch rows only, so capturing never changes the noise
 prediction. LUSD reads the cross-attention map of the edited token to localize the update.
+The per-layer mode (`CaptureSpec.per_layer_maps`) returns each selected layer's maps instead, in
+U-Net order, head-averaged or per head; `map_layers` says which layer each entry is.
 
 Example:
 
@@ -27,6 +29,11 @@ Example:
   spec = CaptureSpec(self_res=32, cross_res=16)
   eps_BHWC, maps = model.apply({"params": params}, latents_BHWC, t, context_BLD, capture=spec)
   maps.cross_attn  # [B, 16 * 16, 77] float32, rows sum to 1
+
+  spec = CaptureSpec.per_layer_maps(cross_res=16, batch=(1, 2))  # every self layer, 16x16 cross
+  _, maps = model.apply({"params": params}, latents_BHWC, t, context_BLD, capture=spec)
+  map_layers(config, (64, 64), spec).cross_layers[0].name  # 'down_blocks.2.attentions.0....attn2'
+  maps.cross_layers[0]  # [1, 256, 77]; heads="all" gives [1, 8, 256, 77]
 
 Under `jax.jit`, pass `capture` as a static argument (it is hashable), e.g. close over it with
 `functools.partial`.
