@@ -233,6 +233,22 @@ def test_tiny_per_layer_maps_match_recording_processor(sd1, spec):
     assert [i.hw[0] for i in layers.cross_layers] == [8, 2, 8, 8]
 
 
+def test_shared_sample_per_layer_maps_equal_the_repeated_sample(sd1):
+  """A [1, ...] sample under 2 prompts (LUSD's SBP call) with the first level captured per layer and
+  per head: the maps equal those of the sample repeated twice."""
+  _, cfg, params = sd1
+  x, ctx = inputs(cfg, 2, 16, 16, seed=19)
+  spec = unet.CaptureSpec.per_layer_maps(self_res=16, cross_res=16, heads="all", batch=(1, 2))
+  _, shared = forward(cfg, spec)(params, x[:1], 321, ctx)
+  _, repeated = forward(cfg, spec)(params, np.repeat(x[:1], 2, axis=0), np.array([321, 321]), ctx)
+  assert len(shared.self_layers) == len(shared.cross_layers) == 3  # down_blocks.0, up_blocks.3 x 2
+  for got, want in zip(
+    shared.self_layers + shared.cross_layers, repeated.self_layers + repeated.cross_layers, strict=True
+  ):
+    assert got.shape == want.shape == (1, cfg.heads[0], 256, want.shape[-1])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=MAPS_ATOL, rtol=0)
+
+
 def test_per_layer_resolution_without_layers_raises(sd1):
   _, cfg, params = sd1
   x, ctx = inputs(cfg, 1, 16, 16)
