@@ -55,10 +55,10 @@ def attention_with_probs(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, upcast
   """Explicit softmax attention; returns (out_BTNH, probs_BNTS).
 
   `upcast` computes scores and softmax in float32 whatever the input dtype (diffusers'
-  `upcast_attention` / `upcast_softmax`).
+  `upcast_attention` / `upcast_softmax`); float64 inputs stay float64 (gradient checks).
   """
   scale = q_BTNH.shape[-1] ** -0.5
-  dtype = jnp.float32 if upcast else q_BTNH.dtype
+  dtype = jnp.promote_types(q_BTNH.dtype, jnp.float32) if upcast else q_BTNH.dtype
   scores_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH.astype(dtype), k_BSNH.astype(dtype)) * scale
   if causal:
     t, s = scores_BNTS.shape[-2:]

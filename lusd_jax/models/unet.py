@@ -21,6 +21,8 @@ and the U-Net averages them over those layers. Every layer computes its output t
 `dot_product_attention` call whether or not it is captured; a captured layer recomputes its
 probabilities on the side, for the selected batch rows only, so capturing never changes the noise
 prediction. LUSD reads the cross-attention map of the edited token to localize the update.
+The per-layer mode (`CaptureSpec.per_layer_maps`) returns each selected layer's maps instead, in
+U-Net order, head-averaged or per head; `map_layers` says which layer each entry is.
 
 Example:
 
@@ -30,6 +32,11 @@ Example:
   spec = CaptureSpec(self_res=32, cross_res=16)
   eps_BHWC, maps = model.apply({"params": params}, latents_BHWC, t, context_BLD, capture=spec)
   maps.cross_attn  # [B, 16 * 16, 77] float32, rows sum to 1
+
+  spec = CaptureSpec.per_layer_maps(cross_res=16, batch=(1, 2))  # every self layer, 16x16 cross
+  _, maps = model.apply({"params": params}, latents_BHWC, t, context_BLD, capture=spec)
+  map_layers(config, (64, 64), spec).cross_layers[0].name  # 'down_blocks.2.attentions.0....attn2'
+  maps.cross_layers[0]  # [1, 256, 77]; heads="all" gives [1, 8, 256, 77]
 
 Under `jax.jit`, pass `capture` as a static argument (it is hashable), e.g. close over it with
 `functools.partial`.
@@ -221,46 +228,133 @@ class UNetConfig:
     return _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
 
 
+Resolutions = int | tuple[int, ...] | str | None
+HEADS_MODES = ("mean", "all")
+
+
 @dataclasses.dataclass(frozen=True)
 class CaptureSpec:
   """Which attention maps the U-Net returns (static: part of the compiled program).
 
+  Two modes. Averaged (the default, what LUSD reads): one self map and one cross map, each the
+  mean over heads and over every layer at one resolution. Per layer (`per_layer=True`, or
+  `CaptureSpec.per_layer_maps(...)`): one map per selected layer, in the order the U-Net runs
+  them (down blocks, mid block, up blocks), each averaged over heads (`heads="mean"`) or per head
+  (`heads="all"`); `map_layers` names them.
+
   Attributes:
-    self_res: side length of the feature maps whose self-attention (attn1) maps are averaged, e.g.
-      32 for a 64x64 latent: every attn1 layer (down, mid and up blocks) on a 32x32 feature map.
-      Layers match on the feature map's height; for a non-square latent the map covers that
-      level's h * w tokens.
-    cross_res: the same for cross-attention (attn2) maps.
+    self_res: which self-attention (attn1) layers, by the height of their feature map, e.g. 32 for
+      a 64x64 latent's 32x32 level (for a non-square latent a map covers that level's h * w
+      tokens). Averaged mode: one int, or None for no self map. Per-layer mode: None, an int, a
+      tuple of ints or "all" (every attn1 layer).
+    cross_res: the same for cross-attention (attn2) layers.
     batch: `(start, stop)` of the batch rows whose maps are returned; None for all rows.
+    per_layer: return each selected layer's maps instead of their mean.
+    heads: per-layer mode only: "mean" ([B', T, S] per layer; the per-head maps are never
+      materialized together) or "all" ([B', heads, T, S] per layer).
   """
 
-  self_res: int | None = None
-  cross_res: int | None = None
+  self_res: Resolutions = None
+  cross_res: Resolutions = None
   batch: tuple[int, int] | None = None
+  per_layer: bool = False
+  heads: str = "mean"
+
+  def __post_init__(self):
+    if self.heads not in HEADS_MODES:
+      raise ValueError(f"CaptureSpec.heads={self.heads!r}; expected one of {HEADS_MODES}.")
+    if self.batch is not None:
+      object.__setattr__(self, "batch", tuple(self.batch))  # a list would not hash
+    for kind in ("self", "cross"):
+      res = getattr(self, f"{kind}_res")
+      if not self.per_layer:
+        if res is not None and not isinstance(res, int):
+          raise ValueError(
+            f"CaptureSpec.{kind}_res={res!r}: the averaged mode takes one int (per_layer=True takes several)."
+          )
+        continue
+      if isinstance(res, int):
+        res = (res,)
+      elif res is not None and res != "all":
+        if isinstance(res, str) or not all(isinstance(r, int) for r in res):
+          raise ValueError(f"CaptureSpec.{kind}_res={res!r}: expected None, an int, ints or 'all'.")
+        res = tuple(sorted(set(res), reverse=True))  # equal selections hash equal
+      object.__setattr__(self, f"{kind}_res", res)
+    if not self.per_layer and self.heads != "mean":
+      raise ValueError("CaptureSpec.heads='all' needs per_layer=True (the averaged maps are head means).")
+    if self.per_layer and self.self_res is None and self.cross_res is None:
+      raise ValueError("CaptureSpec(per_layer=True) selects no layer: set self_res and/or cross_res.")
+
+  @classmethod
+  def per_layer_maps(
+    cls,
+    self_res: Resolutions = "all",
+    cross_res: Resolutions = "all",
+    heads: str = "mean",
+    batch: tuple[int, int] | None = None,
+  ) -> CaptureSpec:
+    """A per-layer spec; every layer of both kinds unless narrowed.
+
+    Example:
+      >>> CaptureSpec.per_layer_maps(cross_res=16, batch=(1, 2))
+      CaptureSpec(self_res='all', cross_res=(16,), batch=(1, 2), per_layer=True, heads='mean')
+    """
+    return cls(self_res, cross_res, batch, per_layer=True, heads=heads)
+
+  def selects(self, kind: str, height: int) -> bool:
+    """Whether the `kind` ("self" / "cross") layers on feature maps of this height are captured."""
+    res = getattr(self, f"{kind}_res")
+    if res is None:
+      return False
+    if res == "all":
+      return True
+    return height in res if self.per_layer else height == res
 
 
 class AttentionMaps(NamedTuple):
-  """Attention probabilities averaged over heads and over the selected layers.
+  """Attention probabilities, float32 (float64 for a float64 U-Net), rows sum to 1.
 
-  Tokens are the feature map's pixels flattened row-major over (h, w), as diffusers does.
+  Tokens are the feature map's pixels flattened row-major over (h, w), as diffusers does. The
+  averaged mode fills `self_attn` / `cross_attn`, the per-layer mode `self_layers` / `cross_layers`
+  (`map_layers` says which layer each entry is); the rest are None.
   """
 
-  self_attn: jax.Array | None  # [B', N_s, N_s] float32, N_s = self_res ** 2 (h * w if not square)
-  cross_attn: jax.Array | None  # [B', N_c, L_text] float32, N_c = cross_res ** 2 (h * w if not square)
+  self_attn: jax.Array | None  # [B', N_s, N_s], N_s = self_res ** 2 (h * w if not square)
+  cross_attn: jax.Array | None  # [B', N_c, L_text], N_c = cross_res ** 2 (h * w if not square)
+  self_layers: tuple[jax.Array, ...] | None = None  # of [B', N, N] or [B', heads, N, N]
+  cross_layers: tuple[jax.Array, ...] | None = None  # of [B', N, L] or [B', heads, N, L]
+
+
+class LayerInfo(NamedTuple):
+  """Which attention layer a per-layer map comes from."""
+
+  name: str  # diffusers' module path, e.g. "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
+  block: str  # "down_blocks.1", "mid_block" or "up_blocks.1"
+  hw: tuple[int, int]  # feature map size; the map's query tokens are h * w
+  heads: int
+
+
+class MapLayers(NamedTuple):
+  """The layers of `AttentionMaps.self_layers` / `cross_layers`, entry by entry."""
+
+  self_layers: tuple[LayerInfo, ...]
+  cross_layers: tuple[LayerInfo, ...]
 
 
 class _Capture(NamedTuple):
-  """What one transformer layer records: batch rows per kind, None when not captured."""
+  """What one transformer layer records: batch rows per kind (None when not captured) and how."""
 
   self_rows: tuple[int, int] | None
   cross_rows: tuple[int, int] | None
+  mode: str = "average"  # "average" (head mean, averaged over layers later), "mean" or "all"
 
 
 def _capture_for(spec: CaptureSpec | None, height: int, batch: int) -> _Capture:
   if spec is None:
     return _Capture(None, None)
   rows = spec.batch if spec.batch is not None else (0, batch)
-  return _Capture(rows if spec.self_res == height else None, rows if spec.cross_res == height else None)
+  pick = lambda kind: rows if spec.selects(kind, height) else None
+  return _Capture(pick("self"), pick("cross"), spec.heads if spec.per_layer else "average")
 
 
 def timestep_embedding(
@@ -295,11 +389,38 @@ def _head_mean_probs(q_BTNH: jax.Array, k_BSNH: jax.Array, rows: tuple[int, int]
   return jnp.mean(jax.nn.softmax(scores_BNTS, axis=-1), axis=1)
 
 
+def _layer_probs(q_BTNH: jax.Array, k_BSNH: jax.Array, rows: tuple[int, int], heads: str) -> jax.Array:
+  """Per-layer probabilities of batch rows [start, stop): [B', N, T, S] (`heads="all"`) or their head
+  mean [B', T, S] (`heads="mean"`), in float32 or wider.
+
+  The head mean sums the heads one at a time under `lax.scan`, each head rematerialized
+  (`jax.checkpoint`), so forward and backward hold one head's [B', T, S] probabilities, not N of
+  them: 64 MiB instead of 512 MiB per row for SD1.5's 8 heads at a 64x64 level.
+  """
+  start, stop = rows
+  dtype = jnp.promote_types(q_BTNH.dtype, jnp.float32)
+  q_BTNH = q_BTNH[start:stop].astype(dtype)
+  k_BSNH = k_BSNH[start:stop].astype(dtype)
+  scale = q_BTNH.shape[-1] ** -0.5
+  if heads == "all":
+    return jax.nn.softmax(jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH) * scale, axis=-1)
+
+  @jax.checkpoint
+  def add_head(sum_BTS, qk):
+    q_BTH, k_BSH = qk
+    return sum_BTS + jax.nn.softmax(jnp.einsum("BTH,BSH->BTS", q_BTH, k_BSH) * scale, axis=-1), None
+
+  b, t, n, _ = q_BTNH.shape
+  sum_BTS = jnp.zeros((b, t, k_BSNH.shape[1]), dtype)
+  sum_BTS, _ = jax.lax.scan(add_head, sum_BTS, (q_BTNH.transpose(2, 0, 1, 3), k_BSNH.transpose(2, 0, 1, 3)))
+  return sum_BTS / n
+
+
 class Attention(nn.Module):
   """diffusers `Attention` as SD uses it: bias-free to_q/to_k/to_v, biased to_out.0, no residual.
 
-  Returns (out_BTC, probs_BTS): probs are the head-averaged probabilities of the `rows` batch rows
-  (None when `rows` is None).
+  Returns (out_BTC, probs): the probabilities of the `rows` batch rows (None when `rows` is None),
+  head-averaged ([B', T, S]) unless `mode` is "all" ([B', N, T, S]).
   """
 
   heads: int
@@ -308,7 +429,7 @@ class Attention(nn.Module):
   impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x_BTC, context_BSD=None, rows: tuple[int, int] | None = None):
+  def __call__(self, x_BTC, context_BSD=None, rows: tuple[int, int] | None = None, mode: str = "average"):
     context_BSD = x_BTC if context_BSD is None else context_BSD
     if x_BTC.shape[0] != context_BSD.shape[0]:  # one shared sample meets B prompts (UNet docstring)
       x_BTC = jnp.broadcast_to(x_BTC, (context_BSD.shape[0], *x_BTC.shape[1:]))
@@ -321,8 +442,11 @@ class Attention(nn.Module):
     v_BSNH = dense("to_v")(context_BSD).reshape(b, s, self.heads, self.head_dim)
     out_BTNH = dot_product_attention(q_BTNH, k_BSNH, v_BSNH, impl=self.impl)
     out_BTC = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out_BTNH.reshape(b, t, inner))
-    probs_BTS = None if rows is None else _head_mean_probs(q_BTNH, k_BSNH, rows)
-    return out_BTC, probs_BTS
+    if rows is None:
+      return out_BTC, None
+    if mode == "average":  # LUSD's maps: kept exactly as they were before the per-layer mode
+      return out_BTC, _head_mean_probs(q_BTNH, k_BSNH, rows)
+    return out_BTC, _layer_probs(q_BTNH, k_BSNH, rows, mode)
 
 
 class _GEGLU(nn.Module):
@@ -352,10 +476,10 @@ class FeedForward(nn.Module):
 
 
 class _Maps(NamedTuple):
-  """Head-averaged maps of the captured layers, in the order the U-Net runs them."""
+  """Maps of the captured layers, in the order the U-Net runs them."""
 
-  self_maps: tuple = ()  # of [B', N, N] float32
-  cross_maps: tuple = ()  # of [B', N, L] float32
+  self_maps: tuple = ()  # of [B', N, N] (or [B', heads, N, N]) float32
+  cross_maps: tuple = ()  # of [B', N, L] (or [B', heads, N, L]) float32
 
   def merge(self, other: _Maps) -> _Maps:
     return _Maps(self.self_maps + other.self_maps, self.cross_maps + other.cross_maps)
@@ -377,9 +501,9 @@ class BasicTransformerBlock(nn.Module):
       )
 
     attn = lambda name: Attention(self.heads, self.head_dim, dtype=self.dtype, impl=self.impl, name=name)
-    h_BTC, self_BTT = attn("attn1")(norm("norm1")(x_BTC), None, capture.self_rows)
+    h_BTC, self_BTT = attn("attn1")(norm("norm1")(x_BTC), None, capture.self_rows, capture.mode)
     x_BTC = x_BTC + h_BTC
-    h_BTC, cross_BTS = attn("attn2")(norm("norm2")(x_BTC), context_BSD, capture.cross_rows)
+    h_BTC, cross_BTS = attn("attn2")(norm("norm2")(x_BTC), context_BSD, capture.cross_rows, capture.mode)
     x_BTC = x_BTC + h_BTC
     x_BTC = x_BTC + FeedForward(x_BTC.shape[-1], dtype=self.dtype, name="ff")(norm("norm3")(x_BTC))
     maps = _Maps(() if self_BTT is None else (self_BTT,), () if cross_BTS is None else (cross_BTS,))
@@ -422,7 +546,8 @@ class Transformer2DModel(nn.Module):
 
     batch = context_BSD.shape[0]
     capture = _capture_for(spec, h, batch)
-    if capture != _Capture(None, None) and b != batch:  # captured rows index the prompts' batch
+    captured = capture.self_rows is not None or capture.cross_rows is not None
+    if captured and b != batch:  # captured rows index the prompts' batch
       x_BHWC = jnp.broadcast_to(x_BHWC, (batch, h, w, c))
       b = batch
     h_BHWC = group_norm("norm", a.groups, TRANSFORMER_GROUP_NORM_EPS, a.dtype)(x_BHWC)
@@ -567,6 +692,76 @@ def _average(maps: tuple, res: int | None, kind: str, resolutions: list[int]) ->
   return sum(maps[1:], maps[0]) / len(maps)
 
 
+def _per_layer(maps: tuple, res: Resolutions, kind: str, resolutions: list[int]) -> tuple | None:
+  if res is None:
+    return None
+  missing = [] if res == "all" else [r for r in res if r not in resolutions]
+  if missing:
+    raise ValueError(
+      f"CaptureSpec.{kind}_res={res}: no attention layer runs on a feature map of height {missing[0]} "
+      f"(this latent's attention layers run at {sorted(set(resolutions), reverse=True)})."
+    )
+  return maps
+
+
+def _level_sizes(config: UNetConfig, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+  """Feature-map size of each down block's level (`Downsample2D`: padding 1 rounds up, 0 down)."""
+  sizes = [tuple(latent_hw)]
+  for _ in range(len(config.block_out_channels) - 1):
+    h, w = sizes[-1]
+    half = (lambda n: (n + 1) // 2) if config.downsample_padding == 1 else (lambda n: n // 2)
+    sizes.append((half(h), half(w)))
+  return sizes
+
+
+def map_layers(config: UNetConfig, latent_hw: tuple[int, int], spec: CaptureSpec) -> MapLayers:
+  """Which layer each map of `AttentionMaps.self_layers` / `cross_layers` comes from (static).
+
+  Walks the blocks as `UNet2DConditionModel` runs them, without tracing it. For an averaged spec it
+  lists the layers that the average takes.
+
+  Args:
+    config: the U-Net's config.
+    latent_hw: (h, w) of the latent the U-Net is called on.
+    spec: the capture spec.
+
+  Returns:
+    `MapLayers` with one `LayerInfo` per returned map, in the same order.
+
+  Example:
+    >>> cfg = UNetConfig()  # SD1.5
+    >>> spec = CaptureSpec.per_layer_maps(self_res=None, cross_res=16)
+    >>> [i.name for i in map_layers(cfg, (64, 64), spec).cross_layers][:2]
+    ['down_blocks.2.attentions.0.transformer_blocks.0.attn2', \
+'down_blocks.2.attentions.1.transformer_blocks.0.attn2']
+  """
+  sizes = _level_sizes(config, latent_hw)
+  n = len(sizes)
+  # (block name, level, heads, transformers, blocks per transformer), in the U-Net's order.
+  blocks = [
+    (f"down_blocks.{i}", i, config.heads[i], config.layers[i], config.transformer_layers[i])
+    for i, t in enumerate(config.down_block_types)
+    if t == CROSS_DOWN
+  ]
+  blocks.append(("mid_block", n - 1, config.heads[-1], 1, config.transformer_layers[-1]))
+  blocks += [
+    (f"up_blocks.{i}", n - 1 - i, config.heads[n - 1 - i], config.layers[n - 1 - i] + 1,
+     config.transformer_layers[n - 1 - i])
+    for i, t in enumerate(config.up_block_types)
+    if t == CROSS_UP
+  ]  # fmt: skip
+  found = {"self": [], "cross": []}
+  for block, level, heads, transformers, depth in blocks:
+    hw = sizes[level]
+    for a in range(transformers):
+      for d in range(depth):
+        for kind, attn in (("self", "attn1"), ("cross", "attn2")):
+          if spec.selects(kind, hw[0]):
+            name = f"{block}.attentions.{a}.transformer_blocks.{d}.{attn}"
+            found[kind].append(LayerInfo(name, block, hw, heads))
+  return MapLayers(tuple(found["self"]), tuple(found["cross"]))
+
+
 class UNet2DConditionModel(nn.Module):
   """diffusers `UNet2DConditionModel` for SD 1.x / 2.x, NHWC, returning captured attention maps.
 
@@ -682,6 +877,13 @@ class UNet2DConditionModel(nn.Module):
     out_BHWC = jnp.broadcast_to(out_BHWC, (b, *out_BHWC.shape[1:]))  # no cross-attention: still shared
     if capture is None:
       return out_BHWC, AttentionMaps(None, None)
+    if capture.per_layer:
+      return out_BHWC, AttentionMaps(
+        None,
+        None,
+        _per_layer(maps.self_maps, capture.self_res, "self", resolutions),
+        _per_layer(maps.cross_maps, capture.cross_res, "cross", resolutions),
+      )
     return out_BHWC, AttentionMaps(
       _average(maps.self_maps, capture.self_res, "self", resolutions),
       _average(maps.cross_maps, capture.cross_res, "cross", resolutions),
