@@ -283,6 +283,7 @@ def test_capture_resolution_without_layers_raises(sd1):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sd15-memory")  # ~10 GB each: never two at once on a 24 GB machine
 def test_sd15_architecture_parity_and_maps():
   """SD1.5's real U-Net (random weights) at a 32x32 latent: eps and the LUSD maps (16x16 self, 8x8 cross)."""
   import gc

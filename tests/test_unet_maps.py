@@ -381,6 +381,7 @@ def test_tiny_grad_through_layer_maps_matches_finite_differences(sd1):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sd15-memory")  # ~10 GB each: never two at once on a 24 GB machine
 def test_sd15_architecture_per_layer_maps_and_grad():
   """SD1.5's real U-Net (random weights) at a 32x32 latent: every layer's per-head maps equal the
   recorded ones; the head-mean maps of a loss over two layers and its gradient equal torch autograd."""
