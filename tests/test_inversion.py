@@ -81,6 +81,7 @@ def test_ddim_inversion_matches_torch(inverted, tiny):
   assert all(np.abs(want[k + 1] - want[k]).max() > 1e-2 for k in range(N))
 
 
+@pytest.mark.slow
 def test_ddim_inversion_of_a_v_prediction_model_matches_torch():
   """SD2-shaped tiny U-Net (linear projections, upcast attention) read as a v-prediction model."""
   torch_model = builders.tiny_unet("sd2")
@@ -149,6 +150,7 @@ def never_stops(tiny, inverted):
   return _reference_nti(tiny, inverted, 3, -1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["never", "first", "second"])
 def test_null_text_inversion_matches_torch(tiny, inverted, never_stops, case):
   """Three inner steps at most; epsilon picked so that the stops are known and far from the threshold:
@@ -180,6 +182,7 @@ def test_null_text_inversion_matches_torch(tiny, inverted, never_stops, case):
     assert err.max() <= NULL_MAX_RTOL * moved, (i, err.max(), moved)
 
 
+@pytest.mark.slow
 def test_null_text_inversion_reconstructs_better_than_ddim_inversion(tiny, inverted):
   """NTI's promise: guided sampling (w = 7.5) from z_T with the optimized embeddings lands much nearer
   the inverted latent z_0 than with the "" embedding at every step. The tiny random U-Net reacts weakly

@@ -314,6 +314,7 @@ def torch_value_and_grad(torch_model, x, t, ctx, layers, heads, rows, w_self, w_
   return float(loss.detach()), x_t.grad.numpy().transpose(0, 2, 3, 1), records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads", ["mean", "all"])
 def test_tiny_grad_through_layer_maps_matches_torch_autograd(sd1, heads):
   torch_model, cfg, params = sd1
@@ -346,6 +347,7 @@ def test_tiny_grad_through_layer_maps_matches_torch_autograd(sd1, heads):
   assert err <= GRAD_RTOL * np.abs(ref_g).max(), (err, np.abs(ref_g).max())
 
 
+@pytest.mark.slow
 def test_tiny_grad_through_layer_maps_matches_finite_differences(sd1):
   """float64 U-Net (params, activations, attention, maps): `jax.grad` of the map loss against central
   finite differences along three random directions, to 1e-6 relative. With h = 1e-3 the O(h^2)
