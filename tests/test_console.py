@@ -44,15 +44,17 @@ def test_warnings_are_one_line_without_paths(capsys):
 @pytest.mark.parametrize(
   "error, code, line",
   [
-    (io.InputError("--seeds: seed -1 is outside [0, 2**32)"), 2, "error: --seeds: seed -1"),
-    (loading.ModelLoadError("no model at x"), 2, "error: no model at x"),
-    (FloatingPointError("non-finite latents at step 3"), 1, "error: non-finite latents at step 3 (try"),
-    (KeyboardInterrupt(), 130, "interrupted"),
+    ((io.InputError, "--seeds: seed -1 is outside [0, 2**32)"), 2, "error: --seeds: seed -1"),
+    ((loading.ModelLoadError, "no model at x"), 2, "error: no model at x"),
+    ((FloatingPointError, "non-finite latents at step 3"), 1, "error: non-finite latents at step 3 (try"),
+    ((KeyboardInterrupt,), 130, "interrupted"),
   ],
 )
 def test_one_error_handler_for_every_command(error, code, line, capsys, monkeypatch):
+  kind, *message = error
+
   def command(args):
-    raise error
+    raise kind(*message)  # a fresh exception per call: none outlives the test
 
   monkeypatch.delenv("LUSD_JAX_DEBUG", raising=False)
   assert cli.run_command(command, None) == code
@@ -60,7 +62,7 @@ def test_one_error_handler_for_every_command(error, code, line, capsys, monkeypa
   assert len(lines) == 1 and lines[0].startswith(line), lines
   if code != 130:  # LUSD_JAX_DEBUG=1: the traceback instead of the line
     monkeypatch.setenv("LUSD_JAX_DEBUG", "1")
-    with pytest.raises(type(error)):
+    with pytest.raises(kind):
       cli.run_command(command, None)
 
 
