@@ -127,3 +127,19 @@ def _as_published_sd_layout(folder: str, tok_dir: str) -> None:
   path = os.path.join(folder, "text_encoder", "model.safetensors")
   sd = load_file(path)
   save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, path)
+
+
+def attention_with_probs(attn, hidden_states, encoder_hidden_states=None):
+  """diffusers `AttnProcessor` math of one attention layer, with its softmax probabilities.
+
+  Returns:
+    (probs [B, heads, T, S] torch, keeping the autograd graph; the layer's output [B, T, C]).
+  """
+  context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+  b, t, _ = hidden_states.shape
+  q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+  k = attn.head_to_batch_dim(attn.to_k(context))
+  v = attn.head_to_batch_dim(attn.to_v(context))
+  probs = attn.get_attention_scores(q, k, None)  # [B * heads, T, S]
+  out = attn.batch_to_head_dim(torch.bmm(probs, v))
+  return probs.reshape(b, attn.heads, t, -1), attn.to_out[1](attn.to_out[0](out))

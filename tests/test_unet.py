@@ -36,15 +36,9 @@ class RecordingProcessor:
     self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
   ):
     kind = "self" if encoder_hidden_states is None else "cross"
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    b, t, _ = hidden_states.shape
-    q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-    k = attn.head_to_batch_dim(attn.to_k(context))
-    v = attn.head_to_batch_dim(attn.to_v(context))
-    probs = attn.get_attention_scores(q, k, None)  # [B * heads, T, S]
-    self.records.append((kind, t, probs.reshape(b, attn.heads, t, -1).mean(1).float().numpy()))
-    out = attn.batch_to_head_dim(torch.bmm(probs, v))
-    return attn.to_out[1](attn.to_out[0](out))
+    probs, out = builders.attention_with_probs(attn, hidden_states, encoder_hidden_states)
+    self.records.append((kind, hidden_states.shape[1], probs.mean(1).float().numpy()))
+    return out
 
 
 def level_sizes(h: int, w: int, n_blocks: int) -> list[tuple[int, int]]:

@@ -45,15 +45,9 @@ class LayerRecorder:
   def __call__(
     self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
   ):
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    b, t, _ = hidden_states.shape
-    q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-    k = attn.head_to_batch_dim(attn.to_k(context))
-    v = attn.head_to_batch_dim(attn.to_v(context))
-    probs = attn.get_attention_scores(q, k, None)  # [B * heads, T, S]
-    self.records.append((self.name, probs.reshape(b, attn.heads, t, -1)))
-    out = attn.batch_to_head_dim(torch.bmm(probs, v))
-    return attn.to_out[1](attn.to_out[0](out))
+    probs, out = builders.attention_with_probs(attn, hidden_states, encoder_hidden_states)
+    self.records.append((self.name, probs))
+    return out
 
 
 def record_layers(model) -> list:
