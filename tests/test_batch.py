@@ -97,8 +97,9 @@ def test_results_equal_single_edits(model, jobs, many):
   assert not np.allclose(results[0].latents, results[3].latents)  # jobs differ
 
 
-def test_nonfinite_batch_fails_its_jobs_and_the_rest_go_on(model, jobs):
-  # lr 1e37 overflows z at step 0. Same shapes and static config: the batch program is reused.
+def test_nonfinite_batch_fails_its_jobs_and_the_rest_go_on(model, jobs, many):
+  # lr 1e37 overflows z at step 0. Same shapes and static config as `many`'s calls (which compiled
+  # the batch program in this process): the program is reused.
   good, bad = jobs[0], jobs[3]
   diverging = CONFIG.replace(lr=1e37)
   programs = engine.run_chunk._cache_size()
