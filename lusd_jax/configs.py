@@ -13,6 +13,15 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 
+class ConfigError(ValueError):
+  """A hyperparameter out of range; `field` names the config field (the CLI names its flag)."""
+
+  def __init__(self, field: str, problem: str, config: str = "LUSDConfig"):
+    self.field = field
+    self.problem = problem
+    super().__init__(f"{config}.{field} {problem}")
+
+
 def tuplify(value: Any) -> Any:
   """Lists (JSON arrays) as tuples, nested ones too: configs are hashable (they pick compiled programs)."""
   if isinstance(value, list | tuple):

@@ -25,21 +25,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lusd_jax.configs import ConfigError  # noqa: F401  (re-exported: LUSDConfig's errors)
+
 GRADIENTS = ("sbp", "dds", "sds")
 EDIT_TOKEN_RULES = ("paper", "official")
 OUTPUT_ROUNDINGS = ("round", "truncate")
 # Every Stable Diffusion 1.x/2.x schedule has 1000 training timesteps; a model's own count is
 # checked by `LUSDConfig.check_timesteps`.
 MAX_TRAIN_TIMESTEPS = 1000
-
-
-class ConfigError(ValueError):
-  """A hyperparameter out of range; `field` names the `LUSDConfig` field (the CLI names its flag)."""
-
-  def __init__(self, field: str, problem: str):
-    self.field = field
-    self.problem = problem
-    super().__init__(f"LUSDConfig.{field} {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
