@@ -1,7 +1,8 @@
 """Image files in and out, JSON records, atomic writes, and the input checks that run before a model loads.
 
-(About 450 lines: most of it is the image conversions the official code gets wrong, kept beside
-the loader that needs them.)
+(About 690 lines: most of it is the image conversions the official code gets wrong, kept beside
+the loader that needs them.) UnifyEdit's local edits take a user mask, loaded by `load_mask` /
+`mask_from_array`: reduced to one gray channel, then cropped and resized exactly like the photo.
 
 Everything a user can get wrong here (a missing or corrupt image, a bad `--size`, a seed out of
 range, an output folder that cannot be written) raises `InputError` with one line that names the
@@ -253,7 +254,15 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 
 
 def _open_rgb8(path: Path) -> Image.Image:
-  """Opens, fully decodes, orients and converts an image file; errors name the path."""
+  """Opens, fully decodes, orients and converts an image file to RGB; errors name the path."""
+  return _open_oriented(path, to_rgb8)
+
+
+def _open_oriented(path: Path, convert: Callable[[Image.Image], Any]) -> Any:
+  """Opens, fully decodes and orients an image file, then returns `convert(image)`; errors name the path.
+
+  `convert` runs inside the error handling, so a decoder error it triggers reads like any other.
+  """
   if not path.exists():
     raise InputError(f"image not found: {path}")
   if path.is_dir():
@@ -267,7 +276,7 @@ def _open_rgb8(path: Path) -> Image.Image:
       im = ImageOps.exif_transpose(im)
       if im.width == 0 or im.height == 0:
         raise InputError(f"image has zero size ({im.width}x{im.height}): {path}")
-      return to_rgb8(im)
+      return convert(im)
   except InputError:
     raise
   except UnidentifiedImageError as e:
@@ -379,6 +388,192 @@ def image_from_array(x: Any, size: int | None = None) -> np.ndarray:
     return _crop_resize_rgb8(Image.fromarray(arr), size)
   rgb = _array_to_unit_hwc(arr)
   return rgb if size is None else _crop_resize_float(rgb, size)
+
+
+def image_original_size(path: str | os.PathLike) -> tuple[int, int]:
+  """The size of an image file as the user sees it, before cropping: EXIF orientation applied.
+
+  The CLI compares a mask's size with the photo's before any weights load. The file is fully
+  decoded, so a corrupt photo fails here with the same message as `load_image`.
+
+  Args:
+    path: image file.
+
+  Returns:
+    `(width, height)` in pixels after EXIF orientation (a portrait JPEG stored sideways reports
+    its upright size).
+
+  Raises:
+    InputError: missing, directory, unreadable, corrupt, truncated or zero-size image.
+  """
+  return _open_oriented(Path(path), lambda im: im.size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks (UnifyEdit's local edits)
+
+MASK_THRESHOLD = 0.5  # a pixel is "on" above this gray level (127.5 of 255)
+
+
+def _mask_gray(im: Image.Image) -> np.ndarray:
+  """One channel of a mask image as float [H, W] in [0, 1].
+
+  The alpha channel when the image has one that is not fully opaque (a cut-out drawn on a
+  transparent layer); otherwise the luminance, with 16-bit and float grays scaled by
+  `_gray_to_unit` instead of PIL's clipping, and every other mode (palette, 1-bit, CMYK...)
+  through 8-bit RGB and PIL's ITU-R 601 luma.
+  """
+  if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+    rgba = im.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"))
+    if alpha.min() < 255:
+      return alpha.astype(np.float32) / 255.0
+    im = rgba.convert("RGB")
+  if im.mode in _INT16_MODES or im.mode in ("I", "F"):
+    return _gray_to_unit(np.asarray(im), im.mode).astype(np.float32)
+  gray = im if im.mode == "L" else to_rgb8(im).convert("L")
+  return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def _check_image_size(image_size: Any, flag: str) -> tuple[int, int]:
+  """`image_size` as a (width, height) pair of positive ints (a programming error otherwise)."""
+  try:
+    width, height = (int(v) for v in image_size)
+  except (TypeError, ValueError):
+    raise ValueError(f"{flag}: image_size must be (width, height), got {image_size!r}") from None
+  if width <= 0 or height <= 0:
+    raise ValueError(f"{flag}: image_size must be positive, got {image_size!r}")
+  return width, height
+
+
+def _binary_mask(gray_HW: np.ndarray, size: int, image_size: Any, flag: str, name: str) -> np.ndarray:
+  """Checks, crops, resizes and binarizes a gray mask like the photo (see `load_mask`).
+
+  Args:
+    gray_HW: float [H, W] in [0, 1].
+    size: output side length (already validated).
+    image_size: the photo's original (width, height), or None to skip the size check.
+    flag: the flag or argument for messages ("--mask", "mask").
+    name: how messages call the mask (its path, or "the mask array").
+
+  Returns:
+    float32 [size, size] with values 0.0 / 1.0, at least one of each.
+  """
+  height, width = gray_HW.shape
+  if image_size is not None:
+    photo_w, photo_h = _check_image_size(image_size, flag)
+    if (width, height) != (photo_w, photo_h):
+      raise InputError(
+        f"{flag}: {name} is {width}x{height} but the photo is {photo_w}x{photo_h} (width x height); "
+        "the mask must have the photo's size"
+      )
+  left, top, right, bottom = center_crop_box(width, height)
+  cropped = gray_HW[top:bottom, left:right]
+  resized = cropped
+  if cropped.shape != (size, size):
+    # BOX = area average: an output pixel is on when more than half of the mask area it covers
+    # is on (exactly so for integer factors); enlarging, it repeats pixels. It never overshoots.
+    im = Image.fromarray(np.ascontiguousarray(cropped, dtype=np.float32), mode="F")
+    resized = np.asarray(im.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+  on = resized > MASK_THRESHOLD
+  if not on.any():
+    if (cropped > MASK_THRESHOLD).any():
+      why = f" (its on-region is too small to survive resizing to {size}x{size})"
+    elif (gray_HW > MASK_THRESHOLD).any():
+      why = " (all of its on-pixels lie in the margin cropped away)"
+    else:
+      why = " (no pixel is above half gray)"
+    raise InputError(
+      f"{flag}: {name} is empty after cropping to the photo's square and binarizing at "
+      f"{MASK_THRESHOLD}: nothing to edit{why}"
+    )
+  if on.all():
+    raise InputError(
+      f"{flag}: {name} covers the whole photo after cropping and binarizing at {MASK_THRESHOLD}; "
+      f"a full mask is a global edit: omit {flag}"
+    )
+  return on.astype(np.float32)
+
+
+def load_mask(
+  path: str | os.PathLike, size: int, image_size: tuple[int, int] | None = None, flag: str = "--mask"
+) -> np.ndarray:
+  """Loads the user's mask of a local edit, cropped and resized exactly like the photo.
+
+  White (on) marks the region to edit. The file is opened like `load_image` (EXIF orientation,
+  any mode PIL reads) and reduced to one gray channel: the alpha channel if the image has one
+  that is not fully opaque, otherwise the luminance (16-bit and float grays keep their
+  precision). Then, like the photo: center-crop with `center_crop_box`, resize to `size` with a
+  box filter (area average; pixel repetition when enlarging), and binarize at > 0.5.
+
+  Args:
+    path: mask image file, at the photo's original size.
+    size: output side length, the photo's working size (a positive multiple of 64).
+    image_size: the photo's original `(width, height)` after EXIF orientation
+      (`image_original_size`); when given, a mask of another size is an error.
+    flag: the command-line flag (or argument) that named the mask, for messages.
+
+  Returns:
+    float32 [size, size] with values exactly 0.0 and 1.0.
+
+  Raises:
+    InputError: one line starting with `flag`: unreadable file (as `load_image`), a size other
+      than the photo's, a mask empty after cropping and binarizing (nothing to edit), or a full
+      one (a global edit: omit the flag).
+
+  Example:
+    >>> m = load_mask("mask.png", 512, image_original_size("photo.jpg"))  # doctest: +SKIP
+  """
+  size = validate_size(size)
+  path = Path(path)
+  try:
+    gray = _open_oriented(path, _mask_gray)
+  except InputError as e:
+    raise InputError(f"{flag}: {e}") from e
+  return _binary_mask(gray, size, image_size, flag, str(path))
+
+
+def mask_from_array(
+  x: Any, size: int, image_size: tuple[int, int] | None = None, flag: str = "mask"
+) -> np.ndarray:
+  """`load_mask` for an in-memory mask (the Python API's `mask=` argument).
+
+  Args:
+    x: an array-like (NumPy, JAX) [H, W] or [H, W, 1] of bool, uint8, uint16 or float in [0, 1];
+      or a PIL image of any mode, reduced to one channel as `load_mask` does.
+    size: output side length (a positive multiple of 64).
+    image_size: the photo's original `(width, height)`; when given, a mask of another size is an
+      error.
+    flag: the argument name for messages.
+
+  Returns:
+    float32 [size, size] with values exactly 0.0 and 1.0; equal to `load_mask` of the same
+    pixels saved as a PNG.
+
+  Raises:
+    InputError: one line starting with `flag`: bad shape or dtype, values outside [0, 1] or NaN,
+      a size other than the photo's, an empty or a full mask.
+  """
+  size = validate_size(size)
+  if isinstance(x, Image.Image):
+    if x.width == 0 or x.height == 0:
+      raise InputError(f"{flag}: the mask image has zero size ({x.width}x{x.height})")
+    try:
+      gray = _mask_gray(ImageOps.exif_transpose(x))
+    except InputError as e:
+      raise InputError(f"{flag}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+      raise InputError(f"{flag}: cannot decode the mask image: {e}") from e
+    return _binary_mask(gray, size, image_size, flag, "the mask image")
+  arr = np.asarray(x)
+  if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 1)):
+    raise InputError(f"{flag}: a mask array must be [H, W] or [H, W, 1], got shape {arr.shape}")
+  try:
+    # Shared with images: dtype checks and scaling; the one gray channel comes back repeated.
+    gray = _array_to_unit_hwc(arr)[..., 0]
+  except InputError as e:
+    raise InputError(f"{flag}: {str(e).replace('image', 'mask')}") from e
+  return _binary_mask(gray, size, image_size, flag, "the mask array")
 
 
 # ----------------------------------------------------------------------------------------------

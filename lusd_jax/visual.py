@@ -1,4 +1,5 @@
-"""Pictures for people: captioned side-by-side grids, labelled parameter grids, progress strips, masks.
+"""Pictures for people: captioned side-by-side grids, labelled parameter grids, progress strips, masks,
+and UnifyEdit's scheduler plot.
 
 All functions take and return float [H, W, 3] images in [0, 1] (NumPy or JAX arrays in) and are
 pure: nothing is written to disk here (`io.save_png` does that). Text uses PIL's bundled
@@ -10,19 +11,23 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from lusd_jax.io import image_from_array, to_uint8
 
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
+
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (30, 30, 30)
 ELLIPSIS = "\u2026"
 
 # Matplotlib's viridis sampled at 17 evenly spaced points; linear interpolation between them is
-# within 0.021 of the real map. Hand-written so that matplotlib stays a test-only dependency.
+# within 0.021 of the real map. Hand-written so that heatmaps need no matplotlib (only
+# `scheduler_plot` imports it, when called).
 _VIRIDIS = np.array(
   [
     [0.2670, 0.0049, 0.3294],
@@ -394,3 +399,150 @@ def labelled_grid(
     for k, t in enumerate(row):
       canvas.paste(Image.fromarray(t), (x0 + k * (w + gap), y))
   return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+# ----------------------------------------------------------------------------------------------
+# UnifyEdit: masks and the adaptive time-step scheduler
+
+
+def mask_image(mask_HW: Any, size: int | None = None) -> np.ndarray:
+  """A mask as a white-on-black picture for grids (input | reconstruction | edit | mask).
+
+  `mask_overlay` blends a viridis heatmap over the photo, which suits soft attention maps; a
+  user's binary mask reads best as plain white on black, at the photo's size.
+
+  Args:
+    mask_HW: [h, w] mask (a leading singleton axis is accepted); values are clipped to [0, 1]
+      (soft masks show as gray), NaN reads as 0.
+    size: enlarge or shrink to [size, size] with nearest-neighbour sampling, so that a mask
+      at latent resolution shows the very cells the method used; default: keep [h, w].
+
+  Returns:
+    float32 [h, w, 3] (or [size, size, 3]) in [0, 1].
+  """
+  m = np.asarray(mask_HW, dtype=np.float32)
+  if m.ndim == 3 and m.shape[0] == 1:
+    m = m[0]
+  if m.ndim != 2:
+    raise ValueError(f"mask_image: mask must be 2-D, got shape {np.shape(mask_HW)}")
+  m = np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0)
+  if size is not None and m.shape != (size, size):
+    m = np.asarray(Image.fromarray(m, mode="F").resize((size, size), Image.Resampling.NEAREST))
+  return np.repeat(m[..., None], 3, axis=-1).astype(np.float32)
+
+
+def _log_scale_wanted(*curves: np.ndarray) -> bool:
+  """Whether the positive values span more than two decades (then a log axis reads better)."""
+  positive = np.concatenate([c[np.isfinite(c) & (c > 0)] for c in curves])
+  return positive.size > 0 and float(positive.max()) > 100.0 * float(positive.min())
+
+
+def scheduler_plot(
+  lambda1_N: Any,
+  lambda2_N: Any,
+  sap_grad_N: Any,
+  caa_grad_N: Any,
+  title: str | None = None,
+  tau1: float | None = None,
+  tau2: float | None = None,
+) -> np.ndarray:
+  """UnifyEdit's scheduler over one run's denoising steps, as the paper's Fig. 5 / 11 draw it.
+
+  Entry i of every array belongs to step index t = N - i (the order the denoising loop runs:
+  t = T first, with T = N), and the x axis runs from T on the left down to 1. Left panel: the
+  weights lambda1 (self-attention preservation, SAP) and lambda2 (cross-attention alignment,
+  CAA). Right panel: the gradient magnitudes ||g_SAP|| and ||g_CAA||, on a log axis when their
+  positive values span more than two decades (zeros, i.e. steps where a term was inactive, are
+  then left out). Dashed vertical lines mark tau1 (CAA active while t >= tau1) and tau2 (SAP
+  active while t >= tau2) when given.
+
+  Drawn with matplotlib's Agg canvas directly (no pyplot), so the global backend (a notebook's
+  inline one, say) is left alone; nothing is written: save the result with `io.save_png`.
+
+  Args:
+    lambda1_N: [N] lambda1 per step, N >= 1.
+    lambda2_N: [N] lambda2 per step.
+    sap_grad_N: [N] ||g_SAP|| per step (>= 0).
+    caa_grad_N: [N] ||g_CAA|| per step (>= 0).
+    title: a line above both panels, e.g. the prompts and the preset.
+    tau1: L_CAA is active while t >= tau1 (a dashed line at tau1).
+    tau2: L_SAP is active while t >= tau2.
+
+  Returns:
+    float32 [H, W, 3] in [0, 1] (about 340 x 900 pixels; taller with a title).
+
+  Example:
+    >>> io.save_png("scheduler.png", scheduler_plot(r.lambda1, r.lambda2, r.sap_grad, r.caa_grad))  # doctest: +SKIP
+  """
+  fig = scheduler_figure(lambda1_N, lambda2_N, sap_grad_N, caa_grad_N, title=title, tau1=tau1, tau2=tau2)
+  fig.canvas.draw()
+  rgba = np.asarray(fig.canvas.buffer_rgba())
+  return rgba[..., :3].astype(np.float32) / 255.0
+
+
+def scheduler_figure(
+  lambda1_N: Any,
+  lambda2_N: Any,
+  sap_grad_N: Any,
+  caa_grad_N: Any,
+  title: str | None = None,
+  tau1: float | None = None,
+  tau2: float | None = None,
+) -> Figure:
+  """The matplotlib `Figure` that `scheduler_plot` renders, from the same arguments.
+
+  For a vector file (`fig.savefig("scheduler.pdf")`) or a restyled plot.
+
+  Returns:
+    a `matplotlib.figure.Figure` with an Agg canvas and two axes (weights, gradient magnitudes).
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.ticker import MaxNLocator
+
+  curves = [
+    np.asarray(c, dtype=np.float64).reshape(-1) for c in (lambda1_N, lambda2_N, sap_grad_N, caa_grad_N)
+  ]
+  n = curves[0].size
+  if n < 1 or any(c.size != n for c in curves):
+    raise ValueError(
+      f"scheduler_plot: the four curves need the same length >= 1, got {[c.size for c in curves]}"
+    )
+  lambda1, lambda2, sap, caa = curves
+  t_N = np.arange(n, 0, -1)  # step index of each entry: T, T - 1, ..., 1
+  marker = "o" if n <= 25 else None  # a short run (N = 1 above all) would otherwise draw no line
+
+  fig = Figure(figsize=(9.0, 3.4 if title is None else 3.7), dpi=100)
+  FigureCanvasAgg(fig)
+  ax_l, ax_g = fig.subplots(1, 2)
+  ax_l.plot(t_N, lambda1, marker=marker, markersize=3, color="tab:blue", label=r"$\lambda_1$ (SAP)")
+  ax_l.plot(t_N, lambda2, marker=marker, markersize=3, color="tab:orange", label=r"$\lambda_2$ (CAA)")
+  ax_l.set_ylabel("weight")
+  log = _log_scale_wanted(sap, caa)
+  for values, color, label in ((sap, "tab:blue", r"$\|g_{SAP}\|$"), (caa, "tab:orange", r"$\|g_{CAA}\|$")):
+    shown = np.where(values > 0, values, np.nan) if log else values
+    ax_g.plot(t_N, shown, marker=marker, markersize=3, color=color, label=label)
+  if log:
+    ax_g.set_yscale("log")
+  else:
+    ax_g.set_ylim(bottom=0.0)  # magnitudes: an all-zero run sits on the axis, not mid-panel
+  ax_g.set_ylabel("gradient magnitude")
+  for ax in (ax_l, ax_g):
+    for tau, color, name in ((tau1, "tab:orange", r"$\tau_1$"), (tau2, "tab:blue", r"$\tau_2$")):
+      if tau is not None:
+        ax.axvline(
+          float(tau), color=color, linestyle="--", linewidth=1.0, alpha=0.8, label=f"{name} = {float(tau):g}"
+        )
+    # T on the left, as the paper draws it; the half-step margins keep N = 1 from a singular range.
+    ax.set_xlim(n + 0.5, 0.5)
+    if n <= 10:
+      ax.set_xticks(t_N)  # every step (the integer locator still ticks halves on a 1-step range)
+    else:
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("denoising step t")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return fig

@@ -1,4 +1,4 @@
-"""Grids, progress strips and mask overlays: layout geometry and that text is really drawn."""
+"""Grids, progress strips, mask pictures and the scheduler plot: geometry, and that text and curves are really drawn."""
 
 import numpy as np
 import pytest
@@ -172,3 +172,96 @@ def test_labelled_grid_of_plain_arrays():
   assert (
     one_seed.shape[1] < visual.labelled_grid(images, np.zeros((size, size, 3)), axes, (7, 9), "t").shape[1]
   )
+
+
+# UnifyEdit: the scheduler plot and mask pictures
+
+
+def _schedule(n: int = 50, k: float = 0.08):
+  """Eq. 14 over t = T..1 (entry i is t = T - i), and gradient norms that switch off at tau."""
+  s = np.arange(n)  # T - t
+  t = n - s
+  lambda1, lambda2 = 5 * (1 - np.exp(-k * s)), 5 * np.exp(-k * s)
+  sap = np.where(t >= n // 2, 3.0 + np.sin(s), 0.0)  # tau2 = T / 2
+  caa = np.where(t >= n // 10, 1.0 + 0.1 * s, 0.0)  # tau1 = T / 10
+  return lambda1, lambda2, sap, caa
+
+
+def _colored(img: np.ndarray, rgb, tol: float = 0.12) -> int:
+  """Number of pixels close to the color `rgb` (0..255)."""
+  return int((np.abs(img - np.asarray(rgb) / 255.0).max(axis=-1) < tol).sum())
+
+
+def test_scheduler_plot_is_an_rgb_picture_with_both_curves():
+  import matplotlib
+
+  backend = matplotlib.get_backend()
+  img = visual.scheduler_plot(*_schedule(), title="a cat -> a red cat", tau1=5, tau2=25)
+  assert img.dtype == np.float32 and img.ndim == 3 and img.shape[2] == 3
+  assert 200 <= img.shape[0] <= 1200 and 400 <= img.shape[1] <= 2000
+  assert 0.0 <= img.min() and img.max() <= 1.0
+  assert _ink(img) > 2000  # axes, ticks, labels
+  assert _colored(img, (31, 119, 180)) > 300 and _colored(img, (255, 127, 14)) > 300  # blue, orange lines
+  untitled = visual.scheduler_plot(*_schedule(), tau1=5, tau2=25)
+  assert untitled.shape[0] < img.shape[0]
+  assert matplotlib.get_backend() == backend  # a notebook's inline backend is left alone
+
+
+def test_scheduler_plot_changes_with_the_lambdas_and_the_taus():
+  base = visual.scheduler_plot(*_schedule())
+  lambda1, lambda2, sap, caa = _schedule()
+  other = visual.scheduler_plot(lambda1, lambda2 * 0.5, sap, caa)
+  assert other.shape == base.shape and np.abs(other - base).max() > 0.5
+  assert not np.array_equal(visual.scheduler_plot(*_schedule(), tau1=5), base)
+
+
+def test_scheduler_plot_one_step_and_all_zero_gradients():
+  one = visual.scheduler_plot([0.0], [5.0], [0.0], [0.0], tau1=1, tau2=1)
+  assert one.ndim == 3 and one.shape[0] >= 200 and _ink(one) > 1000
+  zeros = np.zeros(10)
+  flat = visual.scheduler_plot(np.linspace(0, 5, 10), np.linspace(5, 0, 10), zeros, zeros)
+  assert np.isfinite(flat).all() and _ink(flat) > 1000
+  with pytest.raises(ValueError, match="same length"):
+    visual.scheduler_plot([1.0, 2.0], [1.0], [1.0, 1.0], [1.0, 1.0])
+  with pytest.raises(ValueError, match="same length"):
+    visual.scheduler_plot([], [], [], [])
+
+
+def test_scheduler_figure_puts_step_T_on_the_left_and_picks_the_scale():
+  lambda1, lambda2, sap, caa = _schedule(20)
+  fig = visual.scheduler_figure(lambda1, lambda2, sap, caa, tau1=5, tau2=12)
+  ax_l, ax_g = fig.axes
+  line = ax_l.lines[0]
+  np.testing.assert_array_equal(line.get_xdata(), np.arange(20, 0, -1))  # entry 0 is t = T = 20
+  np.testing.assert_allclose(line.get_ydata(), lambda1)
+  x_T, x_1 = (ax_l.transData.transform((t, 0.0))[0] for t in (20, 1))
+  assert x_T < x_1
+  assert ax_g.get_yscale() == "linear"  # 1 .. 4: no need for a log axis
+  # Spanning six decades: log scale, and the zeros of switched-off steps are not drawn.
+  wide = np.where(sap > 0, 10.0 ** -np.arange(20) * 1e3, 0.0)
+  fig = visual.scheduler_figure(lambda1, lambda2, wide, caa)
+  ax_g = fig.axes[1]
+  assert ax_g.get_yscale() == "log"
+  drawn = np.asarray(ax_g.lines[0].get_ydata(), dtype=np.float64)
+  assert np.isnan(drawn[wide == 0]).all() and np.isfinite(drawn[wide > 0]).all()
+  # The tau lines: two dashed verticals per panel at t = 5 and 12.
+  fig = visual.scheduler_figure(lambda1, lambda2, sap, caa, tau1=5, tau2=12)
+  dashed = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
+  assert sorted(float(ln.get_xdata()[0]) for ln in dashed) == [5.0, 12.0]
+
+
+def test_mask_image_is_white_on_black_and_resizes_by_nearest():
+  m = np.zeros((4, 4), np.float32)
+  m[1:3, 2:] = 1.0
+  img = visual.mask_image(m)
+  assert img.shape == (4, 4, 3) and img.dtype == np.float32
+  np.testing.assert_array_equal(img[..., 0], m)
+  np.testing.assert_array_equal(img[..., 0], img[..., 2])
+  big = visual.mask_image(m[None], size=16)
+  np.testing.assert_array_equal(big[..., 1], np.kron(m, np.ones((4, 4), np.float32)))
+  np.testing.assert_array_equal(visual.mask_image([[2.0, np.nan]])[0, :, 0], [1.0, 0.0])
+  with pytest.raises(ValueError, match="2-D"):
+    visual.mask_image(np.zeros((2, 4, 4)))
+  # A grid takes it like any image.
+  g = visual.grid([np.full((16, 16, 3), 0.5, np.float32), big], ["edit", "mask"], gap=GAP)
+  np.testing.assert_array_equal(g[GAP : GAP + 16, 2 * GAP + 16 : 2 * GAP + 32], big)
