@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 from lusd_jax.lusd.config import LUSDConfig
 from lusd_jax.lusd.core import LUSD
+from lusd_jax.unifyedit.config import UnifyEditConfig
+from lusd_jax.unifyedit.core import UnifyEdit
 
 
 class MethodEntry(NamedTuple):
@@ -21,6 +23,9 @@ class MethodEntry(NamedTuple):
 
 METHODS: dict[str, MethodEntry] = {
   "lusd": MethodEntry(LUSD, LUSDConfig, "Localized Update Score Distillation (ICCV 2025)"),
+  "unifyedit": MethodEntry(
+    UnifyEdit, UnifyEditConfig, "UnifyEdit: attention-constrained latent optimization (Mao et al.)"
+  ),
 }
 
 

@@ -57,6 +57,12 @@ class EditResult(NamedTuple):
   config: Any  # LUSDConfig
   timings: dict
   zero_gradient_steps: np.ndarray | None = None  # [S] int: steps whose g was exactly 0 (no redraws)
+  method: str = "lusd"  # "lusd" or "unifyedit"
+  # UnifyEdit only (S = 1):
+  reconstruction: np.ndarray | None = None  # [S, H, W, 3] the source branch, decoded
+  step_stats: dict | None = None  # name -> [S, N, ...]: lambda1, lambda2, gradient norms, R_l (UnifyStats)
+  inversion_inner_steps: np.ndarray | None = None  # [N] Adam steps of null-text inversion per step
+  user_mask: np.ndarray | None = None  # [H, W] the mask given (None: a global edit)
 
 
 def progress_chunk_size(num_steps: int, chunk_size: int | None = None) -> int:
@@ -68,7 +74,7 @@ def progress_chunk_size(num_steps: int, chunk_size: int | None = None) -> int:
 def step_progress(num_steps: int, desc: str, enabled: bool = True):
   """A tqdm bar over optimization steps; yields the `on_chunk` callback that moves it (None if off).
 
-  The bar's postfix counts the redraws so far (`StepStats.rejections`, summed over the batch).
+  For LUSD the bar's postfix counts the redraws so far (`StepStats.rejections`, summed over the batch).
   """
   if not enabled:
     yield None
@@ -82,8 +88,11 @@ def step_progress(num_steps: int, desc: str, enabled: bool = True):
 
   def on_chunk(done, _state, stats):
     nonlocal rejected
-    rejected += int(np.asarray(stats.rejections)[:, : done - bar.n].sum())
-    bar.set_postfix(rejections=rejected, refresh=False)
+    if hasattr(stats, "rejections"):  # LUSD's filtered resampling
+      rejected += int(np.asarray(stats.rejections)[:, : done - bar.n].sum())
+      bar.set_postfix(rejections=rejected, refresh=False)
+    else:
+      bar.set_postfix_str("", refresh=False)
     bar.update(done - bar.n)
 
   try:
@@ -109,8 +118,13 @@ def edit(
   announce=None,
   chunk_size: int | None = None,
   mesh=None,
+  method: str | None = None,
+  mask=None,
 ) -> EditResult:
   """Edits `image` from `source_prompt` to `target_prompt` with LUSD, once per seed (vmapped).
+
+  With `method="unifyedit"` or a `UnifyEditConfig`, the edit is UnifyEdit's instead
+  (`lusd_jax.unifyedit.edit`, which also takes `mask=`); same arguments, same result type.
 
   Args:
     model: from `lusd_jax.load_model`.
@@ -130,6 +144,8 @@ def edit(
     announce: where to print the one-line notes (edit tokens, long prompts); default: nowhere.
     chunk_size: steps per compiled call (the progress bar moves between chunks).
     mesh: a `sharding.data_mesh()` to spread the seeds over devices (params replicated).
+    method: "lusd" (default) or "unifyedit" (implied by a `UnifyEditConfig`).
+    mask: UnifyEdit only: the region of a local edit (see `lusd_jax.unifyedit.edit`).
 
   Returns:
     `EditResult`.
@@ -140,6 +156,20 @@ def edit(
     >>> res.images.shape
     (3, 512, 512, 3)
   """
+  if method == "unifyedit" or type(config).__name__ == "UnifyEditConfig":
+    if noise_fn is not None or snapshot_every is not None:
+      raise ValueError("noise_fn and snapshot_every are LUSD's; UnifyEdit is deterministic DDIM")
+    from lusd_jax.unifyedit.pipeline import edit as unifyedit_edit  # same floor; lazy: no import cycle
+
+    return unifyedit_edit(
+      model, image, source_prompt, target_prompt, config, mask=mask, edit_words=edit_words,
+      token_positions=token_positions, size=size, progress=progress, announce=announce,
+      chunk_size=chunk_size, mesh=mesh, seeds=seeds,
+    )  # fmt: skip
+  if method not in (None, "lusd"):
+    raise ValueError(f"unknown method {method!r}; choose lusd or unifyedit")
+  if mask is not None:
+    raise ValueError("mask= is UnifyEdit's (LUSD finds its mask from attention): pass method='unifyedit'")
   config = LUSDConfig() if config is None else config
   t0 = time.perf_counter()
   prep = prepare_edit(
