@@ -160,6 +160,22 @@ def test_uniform_cross_attention_gives_unit_ratios():
   np.testing.assert_allclose(ref.caa_ratios(cross, [[1]], None).numpy(), np.full((1, layers), 1 / 77))
 
 
+def test_ratio_is_the_mean_inside_over_the_mean_outside():
+  # A 4x4 cross layer, mask = the top-left 2x2 latent pixels (a 32x32 image mask, 8 pixels each).
+  mask = np.zeros((32, 32))
+  mask[:16, :16] = 1.0
+  inside = np.zeros((4, 4), bool)
+  inside[:2, :2] = True
+  c = np.full((16, 5), 0.1)
+  c[inside.reshape(-1), 1] = 0.4  # token 1: 0.4 inside, 0.1 outside
+  c[inside.reshape(-1), 2] = 0.2  # token 2: 0.2 inside, 0.1 outside
+  c[0, 2] = 0.6  # one inside pixel of token 2 higher: its inside mean is (0.6 + 3 * 0.2) / 4 = 0.3
+  cross = [((4, 4), torch.from_numpy(c))]
+  r = ref.caa_ratios(cross, [[1], [2], [1, 2]], mask).numpy()
+  np.testing.assert_allclose(r[:, 0], [4.0, 3.0, 3.5], rtol=1e-14)  # a word's tokens: mean column
+  assert float(ref.caa_loss(torch.from_numpy(r))) == pytest.approx(-(4.0 + 3.0 + 3.5), rel=1e-14)
+
+
 def test_layer_heights_of_a_non_square_latent():
   assert [ref.layer_hw(n, (16, 24)) for n in (384, 96, 24, 6)] == [(16, 24), (8, 12), (4, 6), (2, 3)]
   assert ref.layer_hw(4 * 3, (7, 5)) == (4, 3)  # stride-2 convolutions round up
