@@ -120,7 +120,9 @@ class UnifyEditConfig:
 
   # static
   num_steps: int = _field(50, "T, DDIM steps")
-  sa_resolutions: str | tuple[int, ...] = _field("all", "L_SAP's self-attention layers: all, or heights at 64x64")
+  sa_resolutions: str | tuple[int, ...] = _field(
+    "all", "L_SAP's self-attention layers: all, or heights at 64x64"
+  )
   maps_from: str = _field("denoising", "source self-attention maps: denoising or inversion")
   max_it: int = _field(1, "MAX_IT, latent updates per step")
   # traced
@@ -189,8 +191,8 @@ class UnifyEditConfig:
   def preset(cls, edit_type: str, **overrides) -> UnifyEditConfig:
     """The paper's settings for an edit type (Sec. 5.2): beta1 = beta2 = 5 and
 
-      color 0.05 (tau1 = 5), texture 0.08, object 0.15 (L_SAP on latent/4 and latent/8),
-      background 0.08, style 0.10, face 0.25; k1 = k2 = k, tau1 = tau2 = 25 unless noted.
+    color 0.05 (tau1 = 5), texture 0.08, object 0.15 (L_SAP on latent/4 and latent/8),
+    background 0.08, style 0.10, face 0.25; k1 = k2 = k, tau1 = tau2 = 25 unless noted.
     """
     if edit_type not in EDIT_TYPES:
       raise ConfigError("edit_type", f"must be one of {EDIT_TYPES}, got {edit_type!r}", "UnifyEditConfig")
@@ -221,7 +223,9 @@ class UnifyEditConfig:
     def dtype(name):
       return jnp.int32 if name in _INT_NUMERIC else jnp.bool_ if name in _BOOL_NUMERIC else jnp.float32
 
-    return UnifyEditNumeric(**{name: jnp.asarray(values[name], dtype(name)) for name in UnifyEditNumeric._fields})
+    return UnifyEditNumeric(
+      **{name: jnp.asarray(values[name], dtype(name)) for name in UnifyEditNumeric._fields}
+    )
 
 
 def stack_numeric(configs: Sequence[UnifyEditConfig]) -> UnifyEditNumeric:

@@ -115,64 +115,88 @@ class UnifyEdit:
     cross_maps = tuple(m[0].astype(jnp.float32) for m in maps.cross_layers or ())
     return self_maps, cross_maps
 
-  def step(self, params, inputs: UnifyInputs, numeric: UnifyEditNumeric, state: UnifyState, k):
+  def _timesteps(self, k):
+    """(DDPM timestep ts[k], the next lower one, the paper's step index t = T - k)."""
     n = self.num_steps
     ts = jnp.asarray(schedule_lib.ddim_timesteps(self.schedule, n), jnp.int32)
-    t = ts[k]
-    t_prev = t - schedule_lib.ddim_step_ratio(self.schedule, n)
-    t_index = n - k  # the paper's step index t = T, ..., 1
-    h, w = state.z_tgt.shape[:2]
-    src_spec, tgt_spec = self.specs(h)
+    return ts[k], ts[k] - schedule_lib.ddim_step_ratio(self.schedule, n), n - k
 
-    # Masks at every resolution the step reads (all ones for a global edit).
-    ones_or = lambda m: jnp.where(inputs.has_mask, m, 1.0)
-    mask_at = lambda mh, mw: ones_or(losses.nearest_mask(inputs.mask, mh, mw))
-
-    # 1. The source maps A^l, constants of the step.
+  def source_maps(self, params, inputs: UnifyInputs, state: UnifyState, k) -> tuple[jax.Array, ...]:
+    """Step 1: the source self-attention maps A^l of L_SAP's layers, per layer [N, N] (constants)."""
+    n = self.num_steps
+    t, _, _ = self._timesteps(k)
+    h, w = state.z_src.shape[:2]
     z_maps = state.z_src if self.static.maps_from == "denoising" else inputs.trajectory[n - 1 - k]
-    src_self, _ = self._maps(params, z_maps, t, inputs.ctx_src, src_spec)
+    src_self, _ = self._maps(params, z_maps, t, inputs.ctx_src, self.specs(h)[0])
     if not src_self:
       raise ValueError(f"no self-attention layer at {self.static.sa_heights(h)} for a {h}x{w} latent")
+    return src_self
+
+  def gradients(self, params, inputs: UnifyInputs, numeric: UnifyEditNumeric, src_self, z_tgt, t):
+    """Steps 2-4: (L_SAP, L_CAA, g_SAP, g_CAA, R [W, L_cross]) at the target latent z*.
+
+    One forward pass; one backward pass vmapped over the cotangents (1, 0) and (0, 1).
+    """
+    h, w = z_tgt.shape[:2]
+    tgt_spec = self.specs(h)[1]
+    mask_at = lambda mh, mw: jnp.where(inputs.has_mask, losses.nearest_mask(inputs.mask, mh, mw), 1.0)
     region_on = inputs.has_mask & numeric.region_sap
-    layers = unet_lib.map_layers(self.unet_fn.config, (h, w), src_spec).self_layers
+    layers = unet_lib.map_layers(self.unet_fn.config, (h, w), tgt_spec).self_layers
     region = tuple(
       jnp.where(region_on, losses.nearest_mask(inputs.mask, *info.hw).reshape(-1), 1.0) for info in layers
     )
+    c_mask = mask_at(h // 4, w // 4).reshape(-1)
 
-    def objectives(z_tgt):
-      tgt_self, cross = self._maps(params, z_tgt, t, inputs.ctx_tgt, tgt_spec)
+    def objectives(z):
+      tgt_self, cross = self._maps(params, z, t, inputs.ctx_tgt, tgt_spec)
       if not cross:
         raise ValueError(f"no cross-attention layer at latent/4 = {h // 4} for a {h}x{w} latent")
-      c_mask = mask_at(h // 4, w // 4).reshape(-1)
       ratios = losses.caa_ratios(cross, inputs.word_weights, c_mask, inputs.has_mask)
       l_sap = losses.sap_loss(src_self, tgt_self, region)
       return (l_sap, losses.caa_loss(ratios, inputs.word_valid)), ratios
 
-    w_sap, w_caa = losses.step_weights(t_index, n, numeric)
-    m_latent = mask_at(h, w)[..., None]
-    z_tgt = state.z_tgt
-    first = None
-    for _ in range(self.static.max_it):  # MAX_IT (static, usually 1)
-      # 2-4. One forward pass, one backward pass vmapped over the cotangents (1, 0) and (0, 1).
-      (l_sap, l_caa), pullback, ratios = jax.vjp(objectives, z_tgt, has_aux=True)
-      eye = jnp.eye(2, dtype=jnp.float32)
-      (g_2hwc,) = jax.vmap(pullback)((eye[:, 0], eye[:, 1]))
-      g_sap, g_caa = g_2hwc[0], g_2hwc[1]
-      # 5-6. Eq. 15-16.
-      update = losses.combine(g_sap, g_caa, w_sap, w_caa, numeric.normalized)
-      z_tgt = z_tgt - m_latent * update
-      if first is None:
-        first = (l_sap, l_caa, g_sap, g_caa, ratios, update)
+    (l_sap, l_caa), pullback, ratios = jax.vjp(objectives, z_tgt, has_aux=True)
+    eye = jnp.eye(2, dtype=jnp.float32)
+    (g_2hwc,) = jax.vmap(pullback)((eye[:, 0], eye[:, 1]))
+    return l_sap, l_caa, g_2hwc[0], g_2hwc[1], ratios
 
+  def optimize(self, params, inputs: UnifyInputs, numeric: UnifyEditNumeric, state: UnifyState, k):
+    """Steps 1-6: z*_t after MAX_IT updates z* <- z* - M (.) G, and the first update's record.
+
+    Returns:
+      (z*_t [h, w, c], (L_SAP, L_CAA, g_SAP, g_CAA, R, G) of the first update, (lambda1, lambda2)).
+    """
+    t, _, t_index = self._timesteps(k)
+    h, w = state.z_tgt.shape[:2]
+    src_self = self.source_maps(params, inputs, state, k)
+    w_sap, w_caa = losses.step_weights(t_index, self.num_steps, numeric)
+    m_latent = jnp.where(inputs.has_mask, losses.nearest_mask(inputs.mask, h, w), 1.0)[..., None]
+    z_tgt, first = state.z_tgt, None
+    for _ in range(self.static.max_it):  # MAX_IT (static, usually 1)
+      l_sap, l_caa, g_sap, g_caa, ratios = self.gradients(params, inputs, numeric, src_self, z_tgt, t)
+      update = losses.combine(g_sap, g_caa, w_sap, w_caa, numeric.normalized)  # Eq. 15
+      z_tgt = z_tgt - m_latent * update  # Eq. 16
+      first = first or (l_sap, l_caa, g_sap, g_caa, ratios, update)
+    return z_tgt, first, (w_sap, w_caa)
+
+  def step(self, params, inputs: UnifyInputs, numeric: UnifyEditNumeric, state: UnifyState, k):
+    n = self.num_steps
+    t, t_prev, t_index = self._timesteps(k)
+    h, w = state.z_tgt.shape[:2]
+    z_tgt, first, (w_sap, w_caa) = self.optimize(params, inputs, numeric, state, k)
     # 7. Guided DDIM steps of both branches from one 4-row call.
     z_src_new, z_tgt_new = self._guided_steps(params, inputs, numeric, state.z_src, z_tgt, t, t_prev, k)
     # 8. Localized edits: blend the target into the source outside the mask.
+    m_latent = jnp.where(inputs.has_mask, losses.nearest_mask(inputs.mask, h, w), 1.0)[..., None]
     blend_from = n - jnp.floor(numeric.blend_start * n).astype(jnp.int32)
     blend_on = inputs.has_mask & numeric.blend & (t_index <= blend_from)
     z_tgt_new = jnp.where(blend_on, z_src_new + m_latent * (z_tgt_new - z_src_new), z_tgt_new)
 
     l_sap, l_caa, g_sap, g_caa, ratios, update = first
     norm = lambda g: jnp.sqrt(jnp.sum(g**2))
+    finite = (
+      jnp.all(jnp.isfinite(update)) & jnp.all(jnp.isfinite(z_tgt_new)) & jnp.all(jnp.isfinite(z_src_new))
+    )
     stats = UnifyStats(
       lambda1=w_sap,
       lambda2=w_caa,
@@ -183,7 +207,7 @@ class UnifyEdit:
       sap_grad_mean=jnp.mean(jnp.abs(g_sap)),
       caa_grad_mean=jnp.mean(jnp.abs(g_caa)),
       ratios=ratios,
-      finite=jnp.all(jnp.isfinite(update)) & jnp.all(jnp.isfinite(z_tgt_new)) & jnp.all(jnp.isfinite(z_src_new)),
+      finite=finite,
     )
     return UnifyState(z_src=z_src_new, z_tgt=z_tgt_new), stats
 

@@ -92,7 +92,10 @@ def scheduler(t: jax.Array, num_steps: int, numeric: UnifyEditNumeric) -> tuple[
   """(lambda1, lambda2) at step index t: Eq. 14, or Algorithm 1's printed form when selected."""
   t = jnp.asarray(t, jnp.float32)
   elapsed = num_steps - t
-  eq14 = (numeric.beta1 * (1.0 - jnp.exp(-numeric.k1 * elapsed)), numeric.beta2 * jnp.exp(-numeric.k2 * elapsed))
+  eq14 = (
+    numeric.beta1 * (1.0 - jnp.exp(-numeric.k1 * elapsed)),
+    numeric.beta2 * jnp.exp(-numeric.k2 * elapsed),
+  )
   alg1 = (numeric.beta1 * jnp.exp(-numeric.k1 * t), numeric.beta2 * (1.0 - jnp.exp(-numeric.k2 * t)))
   return tuple(jnp.where(numeric.algorithm1_form, a, e) for e, a in zip(eq14, alg1, strict=True))
 

@@ -120,7 +120,9 @@ def invert_prepared(model: SDModel, prep: PreparedUnifyEdit, config: UnifyEditCo
   return InversionRecord(np.asarray(traj), np.asarray(nti.null_embeddings), np.asarray(nti.inner_steps))
 
 
-def load_inversion(path, num_steps: int, latent_shape, embedding_shape, flag: str = "--inversion") -> InversionRecord:
+def load_inversion(
+  path, num_steps: int, latent_shape, embedding_shape, flag: str = "--inversion"
+) -> InversionRecord:
   """A saved `lusd-jax invert` record (`inversion.npz`), checked against the edit's shapes."""
   try:
     with np.load(path) as f:
@@ -160,7 +162,9 @@ def denoise(
   progress: bool = False, chunk_size: int | None = None, ids=None, desc: str = "UnifyEdit",
 ) -> engine.RunOutput:  # fmt: skip
   """The denoising phase of one element per config (all sharing `inputs` and a static part)."""
-  method = UnifyEdit(FlaxUNet(model.configs.unet, model.unet_dtype), model.configs.schedule, configs[0].static())
+  method = UnifyEdit(
+    FlaxUNet(model.configs.unet, model.unet_dtype), model.configs.schedule, configs[0].static()
+  )
   numeric_B = stack_numeric(configs)
   inputs_B = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(configs),) + x.shape), inputs)
   keys_B = jax.vmap(jax.random.key)(jnp.arange(len(configs), dtype=jnp.uint32))  # unused: deterministic
@@ -202,7 +206,11 @@ def edit_configs(
   configs = list(configs)
   first = configs[0]
   for c in configs[1:]:
-    if (c.inversion, c.nti_inner_steps, c.num_steps) != (first.inversion, first.nti_inner_steps, first.num_steps):
+    if (c.inversion, c.nti_inner_steps, c.num_steps) != (
+      first.inversion,
+      first.nti_inner_steps,
+      first.num_steps,
+    ):
       raise ValueError("configs of one edit_configs call must share inversion, nti_inner_steps and num_steps")
     if c.inversion == "nti" and c.guidance != first.guidance:
       raise ValueError("null-text inversion is optimized for one guidance: configs must share it")
@@ -218,9 +226,14 @@ def edit_configs(
   if isinstance(inversion_record, InversionRecord):
     inv = inversion_record
   elif inversion_record is not None:
-    inv = load_inversion(inversion_record, first.num_steps, prep.z0.shape, prep.ctx.shape[1:], "inversion_record")
+    inv = load_inversion(
+      inversion_record, first.num_steps, prep.z0.shape, prep.ctx.shape[1:], "inversion_record"
+    )
   else:
-    announce(f"inversion: {first.num_steps} DDIM steps" + (", then null-text inversion" if first.inversion == "nti" else ""))
+    announce(
+      f"inversion: {first.num_steps} DDIM steps"
+      + (", then null-text inversion" if first.inversion == "nti" else "")
+    )
     inv = invert_prepared(model, prep, first)
   timings["inversion_s"] = time.perf_counter() - t1
   t2 = time.perf_counter()
@@ -320,5 +333,3 @@ def edit(
     token_positions=token_positions, size=size, inversion_record=inversion_record, progress=progress,
     announce=announce, chunk_size=chunk_size, mesh=mesh,
   )[0]  # fmt: skip
-
-
