@@ -427,14 +427,7 @@ def run_record(result: EditResult, model: SDModel, model_id: str | None = None) 
       "explanation": et.explanation,
     },
     "config": dataclasses.asdict(result.config),
-    "rejections_per_step": result.rejections.tolist(),
-    "timestep_per_step": result.timesteps.tolist(),
-    "total_rejections": [int(r.sum()) for r in result.rejections],
-    "hit_max_attempts": [bool(h) for h in result.hit_max_attempts],
-    # Steps whose g was exactly 0 (the prompts look identical to the U-Net): redraws ended at once.
-    "zero_gradient_steps": [
-      int(z) for z in (result.zero_gradient_steps if result.zero_gradient_steps is not None else [])
-    ],
+    **(_unifyedit_record(result) if result.method == "unifyedit" else _lusd_record(result)),
     "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     "versions": {
       "lusd_jax": __version__,
@@ -443,4 +436,45 @@ def run_record(result: EditResult, model: SDModel, model_id: str | None = None) 
       "python": platform.python_version(),
       "backend": jax.default_backend(),
     },
+  }
+
+
+def _lusd_record(result: EditResult) -> dict:
+  return {
+    "rejections_per_step": result.rejections.tolist(),
+    "timestep_per_step": result.timesteps.tolist(),
+    "total_rejections": [int(r.sum()) for r in result.rejections],
+    "hit_max_attempts": [bool(h) for h in result.hit_max_attempts],
+    # Steps whose g was exactly 0 (the prompts look identical to the U-Net): redraws ended at once.
+    "zero_gradient_steps": [
+      int(z) for z in (result.zero_gradient_steps if result.zero_gradient_steps is not None else [])
+    ],
+  }
+
+
+def _unifyedit_record(result: EditResult) -> dict:
+  """UnifyEdit's per-step record (one edit: S = 1), step index t = T first."""
+  stats = {k: np.asarray(v)[0] for k, v in result.step_stats.items()}
+  mask = result.user_mask
+  return {
+    "method": "unifyedit",
+    "mask": None if mask is None else {"fraction": round(float(np.mean(mask)), 4), "shape": list(mask.shape)},
+    "timestep_per_step": result.timesteps[0].tolist(),
+    "per_step": {
+      name: stats[name].tolist()
+      for name in (
+        "lambda1",
+        "lambda2",
+        "sap_loss",
+        "caa_loss",
+        "sap_grad_norm",
+        "caa_grad_norm",
+        "sap_grad_mean",
+        "caa_grad_mean",
+      )
+    },  # fmt: skip
+    "cross_attention_ratio_per_step": stats["ratios"].tolist(),  # [T, words, layers]: R_l
+    "null_text_inner_steps": None
+    if result.inversion_inner_steps is None
+    else np.asarray(result.inversion_inner_steps).tolist(),
   }

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from typing import Any, NamedTuple
 
 from lusd_jax import examples, io, loading, methods, pipeline, sharding
-from lusd_jax.lusd.config import ConfigError, LUSDConfig
+from lusd_jax.configs import ConfigError
+from lusd_jax.lusd.config import LUSDConfig
+from lusd_jax.unifyedit import pipeline as unifyedit_pipeline
+from lusd_jax.unifyedit.config import EDIT_TYPES, UnifyEditConfig
 
 EXIT_USAGE = 2
 
@@ -43,17 +47,18 @@ def flag_name(name: str) -> str:
   return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def config_from_flags(base: LUSDConfig, overrides: dict) -> LUSDConfig:
-  """`base.replace(**overrides)`; an out-of-range value is an `InputError` naming its flag."""
+def config_from_flags(base, overrides: dict):
+  """`base.replace(**overrides)` (an `LUSDConfig` or `UnifyEditConfig`); an out-of-range value is an
+  `InputError` naming its flag."""
   try:
-    return base.replace(**overrides)  # validates (LUSDConfig.__post_init__)
+    return base.replace(**overrides)  # validates (__post_init__)
   except ConfigError as e:
-    fields = "|".join(f.name for f in dataclasses.fields(LUSDConfig))
+    fields = "|".join(f.name for f in dataclasses.fields(type(base)))
     problem = re.sub(rf"\b({fields})\b", lambda m: flag_name(m.group()), e.problem)
     raise io.InputError(f"{flag_name(e.field)} {problem}") from None
 
 
-def check_timesteps(config: LUSDConfig, schedule) -> None:
+def check_timesteps(config, schedule) -> None:
   """`config.check_timesteps` against the model's schedule; an `InputError` naming the flag."""
   try:
     config.check_timesteps(schedule.num_train_timesteps)
@@ -93,17 +98,42 @@ def add_method_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_preset_argument(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
-  """Adds `--preset paper|official` (the base `LUSDConfig`)."""
+  """Adds `--preset paper|official` (LUSD's base config) and `--edit-type` (UnifyEdit's preset)."""
   parser.add_argument(
     "--preset",
-    default="paper",
+    default=None,
     choices=["paper", "official"],
     help=(
       help_text
-      or "paper: as the paper's text; official: as the public PyTorch code, bug-compatible "
+      or "LUSD: paper: as the paper's text; official: as the public PyTorch code, bug-compatible "
       "(README, 'The algorithm and its two presets')"
     )
-    + " (default %(default)s)",
+    + " (default paper)",
+  )
+  parser.add_argument(
+    "--edit-type",
+    default=None,
+    choices=EDIT_TYPES,
+    help="UnifyEdit: the paper's settings for this edit type (Sec. 5.2; README, 'UnifyEdit'); "
+    "default: UnifyEditConfig()'s (texture's k = 0.08)",
+  )
+
+
+def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds UnifyEdit's `--mask PATH|auto` and `--reuse-inversion PATH`."""
+  parser.add_argument(
+    "--mask",
+    default=None,
+    metavar="PATH|auto",
+    help="UnifyEdit: the region of a local edit, an image at the photo's size (white = edit), cropped "
+    "and resized like it; auto: LUSD's attention mask of the edit words; omit for a global edit",
+  )
+  parser.add_argument(
+    "--reuse-inversion",
+    default=None,
+    metavar="NPZ",
+    help="UnifyEdit: start from `lusd-jax invert`'s inversion.npz (same photo, source prompt, --size, "
+    "--num-steps) instead of inverting again",
   )
 
 
@@ -159,29 +189,44 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
   )
 
 
+def _config_flag_help(f) -> str:
+  return f.metadata.get("help", "") if f.metadata else ""
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds one flag per `LUSDConfig` field (`flag_name`), read by `config_from_args`."""
-  g = parser.add_argument_group("LUSD hyperparameters (default: the paper's values; see --preset)")
-  for f in dataclasses.fields(LUSDConfig):
-    kind = type(f.default)
-    help_text = f.metadata.get("help", "") if f.metadata else ""
-    if kind is bool:
-      g.add_argument(
-        flag_name(f.name),
-        dest=f"cfg_{f.name}",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help=help_text,
+  """Adds one flag per field of every method's config (`flag_name`), read by `config_from_args`.
+
+  A field both configs have (num_steps, gradient, ...) is one flag; it sets the --method's field.
+  """
+  seen = set()
+  for method, entry in methods.METHODS.items():
+    g = parser.add_argument_group(f"{method} hyperparameters (--method {method})")
+    for f in dataclasses.fields(entry.config):
+      if f.name in seen:
+        continue
+      seen.add(f.name)
+      kind = type(f.default)
+      others = [m for m, e in methods.METHODS.items() if m != method and f.name in _field_names(e.config)]
+      defaults = ", ".join(
+        f"{getattr(e.config(), f.name)} ({m})"
+        for m, e in methods.METHODS.items()
+        if f.name in _field_names(e.config)
       )
-    elif kind in (int, float, str):
-      g.add_argument(
-        flag_name(f.name),
-        dest=f"cfg_{f.name}",
-        default=None,
-        type=kind,
-        metavar=kind.__name__.upper(),
-        help=f"{help_text} (default {f.default})".strip(),
-      )
+      help_text = _config_flag_help(f) + (f"; also {', '.join(others)}'s" if others else "")
+      if kind is bool:
+        g.add_argument(
+          flag_name(f.name), dest=f"cfg_{f.name}", default=None, action=argparse.BooleanOptionalAction,
+          help=help_text,
+        )  # fmt: skip
+      elif kind in (int, float, str):
+        g.add_argument(
+          flag_name(f.name), dest=f"cfg_{f.name}", default=None, type=kind, metavar=kind.__name__.upper(),
+          help=f"{help_text} (default {defaults})".strip(),
+        )  # fmt: skip
+
+
+def _field_names(cls) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,6 +234,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
   add_model_arguments(parser)
   add_method_argument(parser)
   add_preset_argument(parser)
+  add_mask_arguments(parser)
   add_size_argument(parser)
   add_seed_arguments(parser)
   parser.add_argument(
@@ -205,9 +251,23 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- readers
 
 
-def base_config(args: argparse.Namespace) -> LUSDConfig:
-  """The `--preset`'s config."""
-  return LUSDConfig.official() if args.preset == "official" else LUSDConfig()
+def base_config(args: argparse.Namespace):
+  """The --method's base config: LUSD's `--preset`, UnifyEdit's `--edit-type` preset.
+
+  Raises:
+    io.InputError: a preset flag of the other method.
+  """
+  method = getattr(args, "method", "lusd")
+  preset, edit_type = getattr(args, "preset", None), getattr(args, "edit_type", None)
+  if method == "unifyedit":
+    if preset is not None:
+      raise io.InputError(
+        f"--preset {preset} is LUSD's; UnifyEdit's presets are --edit-type {'|'.join(EDIT_TYPES)}"
+      )
+    return UnifyEditConfig.preset(edit_type) if edit_type else UnifyEditConfig()
+  if edit_type is not None:
+    raise io.InputError(f"--edit-type {edit_type} is UnifyEdit's: add --method unifyedit")
+  return LUSDConfig.official() if preset == "official" else LUSDConfig()
 
 
 def seeds_from_args(args: argparse.Namespace) -> tuple[int, ...]:
@@ -220,16 +280,33 @@ def seeds_from_args(args: argparse.Namespace) -> tuple[int, ...]:
   return io.check_seeds(range(args.init_seed, args.init_seed + args.num_seed), "--init-seed/--num-seed")
 
 
-def config_from_args(args: argparse.Namespace) -> LUSDConfig:
-  """The `--preset`'s config with every given hyperparameter flag applied, and `--save-step` checked."""
-  overrides = {
-    f.name: getattr(args, f"cfg_{f.name}")
-    for f in dataclasses.fields(LUSDConfig)
-    if getattr(args, f"cfg_{f.name}", None) is not None
+def config_from_args(args: argparse.Namespace):
+  """The --method's base config with every given hyperparameter flag applied, and the flags of the
+  other method (and LUSD's `--save-step`, UnifyEdit's `--mask`) refused."""
+  method = getattr(args, "method", "lusd")
+  cls = methods.get(method).config
+  mine = _field_names(cls)
+  given = {
+    name: getattr(args, f"cfg_{name}")
+    for entry in methods.METHODS.values()
+    for name in _field_names(entry.config)
+    if getattr(args, f"cfg_{name}", None) is not None
   }
-  config = config_from_flags(base_config(args), overrides)
+  for name in given:
+    if name not in mine:
+      owner = next(m for m, e in methods.METHODS.items() if name in _field_names(e.config))
+      raise io.InputError(f"{flag_name(name)} is a {owner} hyperparameter; this run's --method is {method}")
+  config = config_from_flags(base_config(args), given)
   if getattr(args, "save_step", 0) < 0:
     raise io.InputError(f"--save-step must be >= 0 (0: no snapshots), got {args.save_step}")
+  if method == "unifyedit" and getattr(args, "save_step", 0):
+    raise io.InputError(
+      "--save-step is LUSD's (snapshots of its optimization); UnifyEdit saves its scheduler plot"
+    )
+  if method != "unifyedit":
+    for flag in ("mask", "reuse_inversion"):
+      if getattr(args, flag, None) is not None:
+        raise io.InputError(f"{flag_name(flag)} is UnifyEdit's: add --method unifyedit")
   return config
 
 
@@ -267,12 +344,13 @@ def mesh_from_args(args: argparse.Namespace):
 
 
 def check_before_load(args, configs, seeds, source, target, edit_words, out_flag: str = "--out"):
-  """Every check of `edit`/`sweep` that needs no weights: output folder, devices, prompts, t range.
+  """Every check of `edit`/`sweep` that needs no weights: output folder, devices, prompts, t range,
+  and for UnifyEdit the mask (loaded, cropped and resized like the photo) and a reused inversion.
 
   Reads only the model's tokenizer and scheduler config (`loading.load_model_head`).
 
   Returns:
-    The device mesh (`mesh_from_args`).
+    (the device mesh (`mesh_from_args`), UnifyEdit's mask: [size, size] float32, "auto" or None).
 
   Raises:
     io.InputError, loading.ModelLoadError: one line naming the flag.
@@ -282,11 +360,26 @@ def check_before_load(args, configs, seeds, source, target, edit_words, out_flag
   head = loading.load_model_head(args.model)
   for config in configs[1:]:
     check_timesteps(config, head.schedule)
-  pipeline.check_edit(
-    head.tokenizer, head.schedule, source, target, seeds, configs[0], edit_words,
-    size=args.size, names=flag_name, announce=print,
+  if not isinstance(configs[0], UnifyEditConfig):
+    pipeline.check_edit(
+      head.tokenizer, head.schedule, source, target, seeds, configs[0], edit_words,
+      size=args.size, names=flag_name, announce=print,
+    )  # fmt: skip
+    return mesh, None
+  if len(seeds) != 1:
+    raise io.InputError("--seeds: UnifyEdit is deterministic (DDIM inversion and sampling): give one seed")
+  given = getattr(args, "mask", None)
+  image_size = io.image_original_size(args.image) if getattr(args, "image", None) else None
+  _, _, mask = unifyedit_pipeline.check_unifyedit(
+    head.tokenizer, head.schedule, source, target, configs[0], edit_words,
+    mask=None if given == "auto" else given, image_size=image_size, size=args.size, names=flag_name,
+    announce=print,
   )  # fmt: skip
-  return mesh
+  mask = "auto" if given == "auto" else mask
+  reuse = getattr(args, "reuse_inversion", None)
+  if reuse is not None and not os.path.isfile(reuse):
+    raise io.InputError(f"--reuse-inversion: no such file: {reuse}")
+  return mesh, mask
 
 
 class CheckedRun(NamedTuple):
@@ -298,13 +391,14 @@ class CheckedRun(NamedTuple):
   edit_words: str | None
   mesh: Any  # sharding.data_mesh or None
   model: loading.SDModel
+  mask: Any = None  # UnifyEdit: [size, size] float32, "auto", or None (a global edit)
 
 
 def check_then_load(args: argparse.Namespace, configs, seeds) -> CheckedRun:
   """The photo and prompts of `edit`/`sweep`; every check that needs no weights; then the model."""
   image, source, target, edit_words = inputs_from_args(args)
-  mesh = check_before_load(args, configs, seeds, source, target, edit_words)
-  return CheckedRun(image, source, target, edit_words, mesh, load_model(args))
+  mesh, mask = check_before_load(args, configs, seeds, source, target, edit_words)
+  return CheckedRun(image, source, target, edit_words, mesh, load_model(args), mask)
 
 
 def load_model(args: argparse.Namespace) -> loading.SDModel:

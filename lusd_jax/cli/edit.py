@@ -11,6 +11,7 @@ import numpy as np
 
 from lusd_jax import batchdir, io, loading, pipeline, sharding, visual
 from lusd_jax.cli import args as args_lib
+from lusd_jax.unifyedit import pipeline as unifyedit_pipeline
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,12 +72,70 @@ def _save_result(result, model, args, out_dir, name_fn, title_prefix=""):
   )
 
 
+def unifyedit_grid(result, title: str, random_weights: bool):
+  """UnifyEdit's picture: input | reconstruction (source branch) | edit | mask, captioned."""
+  tiles = [result.input_image, result.reconstruction[0], result.images[0]]
+  captions = ["input", "reconstruction (source branch)", "UnifyEdit"]
+  if result.user_mask is not None:
+    tiles.append(visual.mask_image(result.user_mask))
+    captions.append("mask")
+  return visual.grid(tiles, captions, title=title + (" (random weights)" if random_weights else ""))
+
+
+def unifyedit_scheduler_plot(result, title: str):
+  """The lambdas and gradient norms of a UnifyEdit run over its steps (paper Fig. 5/11)."""
+  st = {k: np.asarray(v)[0] for k, v in result.step_stats.items()}
+  c = result.config
+  return visual.scheduler_plot(
+    st["lambda1"],
+    st["lambda2"],
+    st["sap_grad_norm"],
+    st["caa_grad_norm"],
+    title=title,
+    tau1=c.tau1,
+    tau2=c.tau2,
+  )
+
+
+def save_unifyedit(
+  result, model, model_id: str, out_dir: str, prefix: str = "", title_prefix: str = ""
+) -> list[str]:
+  """Writes a UnifyEdit edit: {prefix}edit.png, reconstruction.png, grid.png, scheduler.png, run.json.
+
+  The run record is written last: its presence means the edit is complete.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  title = f'{title_prefix}"{result.source_prompt}" -> "{result.target_prompt}"'
+  files = {
+    f"{prefix}edit.png": (result.images[0], result.config.output_rounding),
+    f"{prefix}reconstruction.png": (result.reconstruction[0], result.config.output_rounding),
+    f"{prefix}grid.png": (unifyedit_grid(result, title, model.is_random), "round"),
+    f"{prefix}scheduler.png": (unifyedit_scheduler_plot(result, title), "round"),
+  }
+  for name, (image, rounding) in files.items():
+    io.save_png(os.path.join(out_dir, name), image, rounding)
+  io.write_json_atomic(
+    os.path.join(out_dir, f"{prefix}run.json"), pipeline.run_record(result, model, model_id)
+  )
+  return [*files, f"{prefix}run.json"]
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
   """`lusd-jax edit`: every check before the weights load, the edit, then its files (`_save_result`)."""
   seeds = args_lib.seeds_from_args(args)
   config = args_lib.config_from_args(args)
   run = args_lib.check_then_load(args, [config], seeds)
   t0 = time.time()
+  if args.method == "unifyedit":
+    result = unifyedit_pipeline.edit(
+      run.model, run.image, run.source, run.target, config, mask=run.mask, edit_words=run.edit_words,
+      size=args.size, inversion_record=args.reuse_inversion, progress=not args.quiet,
+      announce=lambda _note: None,  # check_then_load printed the notes
+      mesh=run.mesh,
+    )  # fmt: skip
+    files = save_unifyedit(result, run.model, args.model, args.out)
+    print(f"wrote {args.out}/{', '.join(files)} in {time.time() - t0:.1f} s")
+    return 0
   result = pipeline.edit(
     run.model, run.image, run.source, run.target, seeds=seeds, config=config, edit_words=run.edit_words,
     snapshot_every=args.save_step or None, size=args.size, progress=not args.quiet,

@@ -145,8 +145,15 @@ class UnifyEditConfig:
   output_rounding: str = _field("round", "8-bit output: round or truncate")
 
   def __post_init__(self):
-    if isinstance(self.sa_resolutions, list | tuple):
-      object.__setattr__(self, "sa_resolutions", tuple(self.sa_resolutions))  # hashable
+    res = self.sa_resolutions
+    if isinstance(res, str) and res != "all":  # "16,8" (the command line's spelling)
+      try:
+        res = tuple(int(r) for r in res.split(","))
+      except ValueError:
+        pass  # reported below
+    if isinstance(res, list | tuple):
+      res = tuple(res)  # hashable
+    object.__setattr__(self, "sa_resolutions", res)
 
     def need(ok: bool, field: str, what: str):
       if not ok:
@@ -160,7 +167,7 @@ class UnifyEditConfig:
     need(
       res == "all" or (isinstance(res, tuple) and res and all(is_int(r) and r >= 1 for r in res)),
       "sa_resolutions",
-      'must be "all" or positive ints (heights at a 64x64 latent)',
+      'must be "all" or positive ints such as 16,8 (self-attention heights at a 64x64 latent)',
     )
     need(self.maps_from in MAPS_FROM, "maps_from", f"must be one of {MAPS_FROM}")
     need(is_int(self.max_it) and self.max_it >= 1, "max_it", "must be an int >= 1")

@@ -47,6 +47,10 @@ class PreparedUnifyEdit(NamedTuple):
   ctx: jax.Array  # [3, L, D]: source, target, ""
 
 
+# Edit words are padded to this many rows, so that edits with 1..4 words share one compiled program.
+MAX_EDIT_WORDS = 4
+
+
 def edit_word_groups(tokenizer, target_prompt: str, positions: Sequence[int]) -> tuple[tuple[int, ...], ...]:
   """The edit-token positions grouped by the target word they belong to (s* per word, Eq. 9-10)."""
   words = word_token_positions(tokenizer, target_prompt)
@@ -80,6 +84,16 @@ def check_unifyedit(
       f"was found in {target_prompt!r}; name it (e.g. the new word)"
     )
   groups = edit_word_groups(tokenizer, target_prompt, edit_tokens.positions)
+  if len(groups) > MAX_EDIT_WORDS:
+    raise io.InputError(
+      f"{name('edit_words')}: {len(groups)} edit words; UnifyEdit takes at most {MAX_EDIT_WORDS} (L_CAA sums over them)"
+    )
+  for term, tau in (("L_CAA", "tau1"), ("L_SAP", "tau2")):
+    if getattr(config, tau) > config.num_steps and announce is not None:
+      announce(
+        f"note: {name(tau)} {getattr(config, tau)} > {name('num_steps')} {config.num_steps}: {term} never acts "
+        "(the presets' tau are step indices of a 50-step run)"
+      )
   if mask is not None:
     if isinstance(mask, str) or hasattr(mask, "__fspath__"):
       mask = io.load_mask(mask, size, image_size, flag=name("mask"))
@@ -141,7 +155,7 @@ def load_inversion(
 
 
 def _inputs(prep: PreparedUnifyEdit, inv: InversionRecord) -> UnifyInputs:
-  ww, valid = word_weights(prep.word_groups, prep.ctx.shape[1])
+  ww, valid = word_weights(prep.word_groups, prep.ctx.shape[1], MAX_EDIT_WORDS)
   size = prep.image.shape[:2]
   mask = np.ones(size, np.float32) if prep.mask is None else prep.mask
   return UnifyInputs(

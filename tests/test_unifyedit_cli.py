@@ -1,0 +1,91 @@
+"""`lusd-jax edit --method unifyedit`: masks and flags checked before the weights load; an edit's files."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lusd_jax import cli, loading
+
+W, H = 200, 160  # the photo (and its mask), not square: the mask is cropped like the photo
+
+
+@pytest.fixture
+def files(tmp_path):
+  rng = np.random.default_rng(0)
+  Image.fromarray((rng.random((H, W, 3)) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
+  mask = np.zeros((H, W), np.uint8)
+  mask[40:120, 60:150] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "empty.png")
+  Image.fromarray(np.full((H, W), 255, np.uint8)).save(tmp_path / "full.png")
+  Image.fromarray(mask[:100]).save(tmp_path / "small.png")
+  edge = np.zeros((H, W), np.uint8)
+  edge[:, :15] = 255  # only in the margin that the center crop cuts away
+  Image.fromarray(edge).save(tmp_path / "edge.png")
+  return tmp_path
+
+
+def argv(files, *extra, method="unifyedit"):
+  return [
+    "edit", str(files / "photo.png"), "--source", "a cat", "--target", "a dog", "--method", method,
+    "--model", "tiny-random", "--size", "128", "--out", str(files / "out"), "--quiet", *extra,
+  ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "extra, method, words",
+  [
+    (["--mask", "{f}/small.png"], "unifyedit", ["--mask", "small.png", "200x160"]),
+    (["--mask", "{f}/empty.png"], "unifyedit", ["--mask", "empty"]),
+    (["--mask", "{f}/edge.png"], "unifyedit", ["--mask", "empty"]),
+    (["--mask", "{f}/full.png"], "unifyedit", ["--mask", "global edit"]),
+    (["--mask", "{f}/nope.png"], "unifyedit", ["--mask", "nope.png"]),
+    (["--mask", "{f}/mask.png"], "lusd", ["--mask", "--method unifyedit"]),
+    (["--edit-type", "color"], "lusd", ["--edit-type", "--method unifyedit"]),
+    (["--beta1", "2"], "lusd", ["--beta1", "unifyedit"]),
+    (["--reg-scale", "0.1"], "unifyedit", ["--reg-scale", "lusd"]),
+    (["--preset", "official"], "unifyedit", ["--preset", "--edit-type"]),
+    (["--seeds", "0", "1"], "unifyedit", ["--seeds", "one seed"]),
+    (["--k1", "-1"], "unifyedit", ["--k1", ">= 0"]),
+    (["--gradient", "sbp"], "unifyedit", ["--gradient", "blc"]),
+    (["--sa-resolutions", "x"], "unifyedit", ["--sa-resolutions"]),
+    (["--edit-words", "unicorn"], "unifyedit", ["--edit-words", "unicorn"]),
+    (["--save-step", "2"], "unifyedit", ["--save-step"]),
+    (["--reuse-inversion", "{f}/nope.npz"], "unifyedit", ["--reuse-inversion", "nope.npz"]),
+  ],
+)
+def test_bad_inputs_stop_before_loading(files, extra, method, words, capsys, monkeypatch):
+  monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+  extra = [a.replace("{f}", str(files)) for a in extra]
+  try:
+    code = cli.main(argv(files, *extra, method=method))
+  except SystemExit as e:  # argparse's own usage errors
+    code = e.code
+  err = capsys.readouterr().err
+  assert code == 2, err
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1, err
+  for word in words:
+    assert word in lines[0], lines[0]
+  assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_edit_writes_grid_scheduler_plot_and_record(files, capsys):
+  steps = ["--num-steps", "3", "--tau1", "1", "--tau2", "2", "--inversion", "ddim"]
+  assert cli.main(argv(files, "--mask", str(files / "mask.png"), "--edit-type", "object", *steps)) == 0
+  out = files / "out"
+  for name in ("edit.png", "reconstruction.png", "grid.png", "scheduler.png", "run.json"):
+    assert (out / name).stat().st_size > 0, name
+  record = json.loads((out / "run.json").read_text())
+  assert record["method"] == "unifyedit" and record["config"]["sa_resolutions"] == [16, 8]
+  per_step = record["per_step"]
+  assert len(per_step["lambda1"]) == 3
+  # Windows: L_SAP acts for t >= 2 (steps t = 3, 2), L_CAA for t >= 1 (every step).
+  assert per_step["lambda1"][0] == 0.0 and per_step["lambda1"][1] > 0 and per_step["lambda1"][2] == 0.0
+  assert all(v > 0 for v in per_step["lambda2"])
+  assert 0.2 < record["mask"]["fraction"] < 0.5
+  grid = np.asarray(Image.open(out / "grid.png"))
+  assert grid.shape[1] > 4 * 128  # input | reconstruction | edit | mask
