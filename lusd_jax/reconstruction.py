@@ -5,21 +5,27 @@ prompt), optimizes the per-step null embeddings (null-text inversion, Prompt-to-
 and samples back from z_T with guidance w, so that the reconstruction shows what the inversion
 keeps. The result holds what UnifyEdit's two branches start from (z_T and the null embeddings),
 and `lusd-jax invert` writes it to an `.npz` record that later commands can reuse.
+
+Each phase is an `engine.Method` of `lusd_jax.inversion`, run by `engine.run` on a batch of one, in
+chunks of steps under a progress bar when `progress` is on (the NaN/inf report comes with it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lusd_jax import inversion, io, prepare
+from lusd_jax import engine, inversion, io, prepare
 from lusd_jax import schedule as schedule_lib
 from lusd_jax.loading import SDModel
 from lusd_jax.lusd import core
+from lusd_jax.pipeline import progress_chunk_size
 
 
 class Inversion(NamedTuple):
@@ -49,6 +55,7 @@ def invert(
   inner_steps: int = inversion.NTI_INNER_STEPS,
   size: int = 512,
   announce=None,
+  progress: bool = False,
 ) -> Inversion:
   """Inverts `image` under `source_prompt` and reconstructs it.
 
@@ -62,6 +69,8 @@ def invert(
     inner_steps: most Adam steps per step of null-text inversion.
     size: image side, a multiple of 64.
     announce: where to print one line per phase (default: nowhere).
+    progress: a progress bar per phase (DDIM inversion, null-text inversion with the mean Adam steps
+      per step so far, reconstruction), each run in chunks of about a tenth of its steps.
 
   Returns:
     `Inversion`.
@@ -80,30 +89,36 @@ def invert(
 
   announce(f"DDIM inversion: {num_steps} steps")
   t1 = time.perf_counter()
-  trajectory = inversion.ddim_invert(unet_fn, params, schedule, z0, ctx_src, num_steps=num_steps)
-  timings["ddim_inversion_s"] = _ready_seconds(trajectory, t1)
+  trajectory = _run_phase(
+    inversion.DDIMInversion(unet_fn, schedule, num_steps), params, inversion.InversionInputs(z0, ctx_src),
+    (), "DDIM inversion", progress,
+  )  # fmt: skip
+  timings["ddim_inversion_s"] = time.perf_counter() - t1
   nti = None
   if null_text:
     announce(f"null-text inversion: {num_steps} steps x at most {inner_steps} Adam steps")
     t2 = time.perf_counter()
-    nti = inversion.null_text_inversion(
-      unet_fn,
+    nti = _run_phase(
+      inversion.NullTextOptimization(unet_fn, schedule, num_steps),
       params,
-      schedule,
-      trajectory,
-      ctx_src,
-      ctx_empty,
-      num_inner_steps=inner_steps,
-      guidance=guidance,
+      inversion.NullTextInputs(trajectory, ctx_src, ctx_empty),
+      inversion.NullTextNumeric.of(guidance, inner_steps),
+      "null-text inversion",
+      progress,
+      postfix=_mean_inner_steps(),
     )
-    timings["null_text_s"] = _ready_seconds(nti, t2)
+    timings["null_text_s"] = time.perf_counter() - t2
     nulls = nti.null_embeddings
   else:
-    nulls = jnp.broadcast_to(ctx_empty, (num_steps,) + ctx_empty.shape)
+    nulls = np.broadcast_to(np.asarray(ctx_empty), (num_steps,) + ctx_empty.shape)
   announce(f"reconstruction: {num_steps} guided DDIM steps (w = {guidance:g})")
   t3 = time.perf_counter()
-  z_rec = inversion.guided_sample(unet_fn, params, schedule, trajectory[-1], ctx_src, nulls, guidance)[0]
-  rec = prepare.decode_latents(model, z_rec[None])[0]
+  z_rec = _run_phase(
+    inversion.GuidedSampling(unet_fn, schedule, num_steps), params,
+    inversion.SamplingInputs(trajectory[-1], ctx_src, nulls), jnp.float32(guidance), "reconstruction",
+    progress,
+  )[0]  # fmt: skip
+  rec = prepare.decode_latents(model, jnp.asarray(z_rec)[None])[0]
   timings["reconstruction_s"] = time.perf_counter() - t3
   mse_image = float(np.mean((rec - x) ** 2))
   return Inversion(
@@ -112,10 +127,10 @@ def invert(
     timesteps=schedule_lib.ddim_timesteps(schedule, num_steps),
     trajectory=np.asarray(trajectory),
     null_embeddings=np.asarray(nulls),
-    inner_steps=None if nti is None else np.asarray(nti.inner_steps),
-    losses=None if nti is None else np.asarray(nti.losses),
+    inner_steps=None if nti is None else nti.inner_steps,
+    losses=None if nti is None else nti.losses,
     reconstruction=rec,
-    latent_error=float(jnp.mean((z_rec - z0) ** 2)),
+    latent_error=float(np.mean((z_rec - np.asarray(z0)) ** 2)),
     psnr_db=float(10 * np.log10(1.0 / max(mse_image, 1e-12))),
     timings=timings,
   )
@@ -150,6 +165,61 @@ def record(result: Inversion) -> dict:
   return out
 
 
-def _ready_seconds(tree, t0: float) -> float:
-  jax.block_until_ready(tree)
-  return time.perf_counter() - t0
+def _run_phase(method, params, inputs, numeric, desc: str, progress: bool, postfix=None):
+  """`method.finish` of one element (NumPy): `engine.run` on a batch of one, in chunks under a bar."""
+  one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # noqa: E731
+  n = method.num_steps
+  chunk = progress_chunk_size(n) if progress else None
+  with phase_progress(n, desc, enabled=progress, postfix=postfix) as on_chunk:
+    out = engine.run(
+      method, params, one(inputs), jax.random.split(jax.random.key(0), 1), one(numeric),
+      chunk_size=chunk, ids=["the photo"], on_chunk=on_chunk,
+    )  # fmt: skip
+  return jax.tree.map(lambda a: a[0], out.final)
+
+
+def _mean_inner_steps() -> Callable[[Any], dict]:
+  """A `phase_progress` postfix: Adam steps per step of null-text inversion, averaged so far."""
+  seen = []
+
+  def postfix(stats):
+    seen.extend(np.asarray(stats.inner_steps).ravel().tolist())
+    return {"inner_steps": f"{np.mean(seen):.1f}"}
+
+  return postfix
+
+
+@contextlib.contextmanager
+def phase_progress(
+  num_steps: int, desc: str, enabled: bool = True, postfix: Callable[[Any], dict] | None = None
+):
+  """A tqdm bar over the steps of an engine run; yields the `on_chunk` callback that moves it.
+
+  Args:
+    num_steps: N, the bar's total.
+    desc: its label.
+    enabled: False yields None (no bar, `engine.run` runs without a callback).
+    postfix: optional; called with the stats of the steps a chunk completed (leaves [B, k], the
+      chunk's steps past N dropped), returns what the bar shows after it.
+
+  Yields:
+    on_chunk(done, state, stats) for `engine.run`, or None.
+  """
+  if not enabled:
+    yield None
+    return
+  from tqdm.auto import tqdm
+
+  bar = tqdm(total=num_steps, desc=desc, unit="step", dynamic_ncols=True)
+  # The first chunk compiles the program (seconds to a minute; later runs read XLA's cache).
+  bar.set_postfix_str("compiling", refresh=True)
+
+  def on_chunk(done, _state, stats):
+    new = jax.tree.map(lambda a: np.asarray(a)[:, : done - bar.n], stats)
+    bar.set_postfix(postfix(new) if postfix else {}, refresh=False)
+    bar.update(done - bar.n)
+
+  try:
+    yield on_chunk
+  finally:
+    bar.close()

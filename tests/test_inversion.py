@@ -8,12 +8,14 @@ numbers (inner steps, epsilon, guidance), so they reuse it.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import torch
 
+from lusd_jax import engine
 from lusd_jax import inversion as inv
 from lusd_jax import schedule as sch
 from lusd_jax.lusd import core
@@ -198,3 +200,83 @@ def test_null_text_inversion_reconstructs_better_than_ddim_inversion(tiny, inver
   assert err_nti < 0.5 * err_plain, (err_nti, err_plain)
   # The last inner loss of each step is the squared error of that step's landing before the update.
   assert np.all(np.isfinite(np.asarray(nti.losses))) and np.all(np.asarray(nti.inner_steps) == 50)
+
+
+# ----------------------------------------------------------------------------- the engine's phases
+
+CHUNK = 2  # N = 5 in three chunks, the last one with a padding step past N
+# The engine vmaps the U-Net over the batch: float32 rounding differs from the one-element function's,
+# not exactly equal. Measured: about 3e-7 (relative to max |z|) per inversion step, 5e-6 after the first
+# w = 7.5 sampling step; `assert_trajectory_close`'s per-step bound covers both.
+
+
+def _two_elements(tiny):
+  """Two different photos' (z0, cond): the second scaled and rolled so that every step differs."""
+  _, _, _, z0, cond, _ = tiny
+  z0_B = np.stack([z0, 0.5 * np.roll(z0, 3, axis=0)])
+  cond_B = np.stack([cond, np.roll(cond, 1, axis=0)])
+  return z0_B, cond_B
+
+
+def _engine_run(method, params, inputs_B, numeric_B):
+  b = jax.tree.leaves(inputs_B)[0].shape[0]
+  done = []
+  out = engine.run(
+    method, params, inputs_B, jax.random.split(jax.random.key(0), b), numeric_B, chunk_size=CHUNK,
+    on_chunk=lambda k, _state, _stats: done.append(k),
+  )  # fmt: skip
+  assert done == [2, 4, 5]  # chunked as asked
+  return out
+
+
+def test_engine_ddim_inversion_and_sampling_equal_the_functions(tiny):
+  """A batch of two elements in chunks of 2 steps gives each element's `ddim_invert` / `guided_sample`."""
+  _, fn, params, _, _, null = tiny
+  s = sch.Schedule()
+  z0_B, cond_B = _two_elements(tiny)
+  out = _engine_run(inv.DDIMInversion(fn, s, N), params, inv.InversionInputs(z0_B, cond_B), ())
+  assert out.final.shape == (2, N + 1, HW, HW, 4) and out.stats.finite.shape == (2, N)
+  assert out.stats.finite.all()
+  nulls = np.stack([null * (1 + 0.3 * k) for k in range(N)]).astype(np.float32)
+  nulls_B = np.stack([nulls, nulls[::-1]])
+  guidance_B = np.array([7.5, 3.0], np.float32)
+  sampled = _engine_run(
+    inv.GuidedSampling(fn, s, N), params, inv.SamplingInputs(out.final[:, -1], cond_B, nulls_B), guidance_B
+  )
+  for b in range(2):
+    want = inv.ddim_invert(fn, params, s, z0_B[b], cond_B[b], num_steps=N)
+    assert_trajectory_close(out.final[b], want, order=range(N + 1))
+    want = inv.guided_sample(fn, params, s, out.final[b, -1], cond_B[b], nulls_B[b], guidance_B[b])
+    assert_trajectory_close(sampled.final[b], want, order=range(N, -1, -1))
+  assert np.abs(out.final[0] - out.final[1]).max() > 1e-2  # the elements are different runs
+
+
+@pytest.mark.slow
+def test_engine_null_text_inversion_equals_the_function(tiny):
+  """Two elements with different early stops (never; after one inner step) in chunks of 2 steps: the
+  vmapped while loop runs until both stop, each element keeps its own count, embeddings and losses."""
+  _, fn, params, _, _, null = tiny
+  s = sch.Schedule()
+  z0_B, cond_B = _two_elements(tiny)
+  traj_B = np.stack(
+    [np.asarray(inv.ddim_invert(fn, params, s, z, c, num_steps=N)) for z, c in zip(z0_B, cond_B, strict=True)]
+  )
+  null_B = np.stack([null, null])
+  numeric_B = jax.tree.map(
+    lambda *x: jnp.stack(x), inv.NullTextNumeric.of(7.5, 3, -1.0), inv.NullTextNumeric.of(7.5, 3, 1e3)
+  )
+  out = _engine_run(
+    inv.NullTextOptimization(fn, s, N), params, inv.NullTextInputs(traj_B, cond_B, null_B), numeric_B
+  )
+  np.testing.assert_array_equal(out.stats.inner_steps, [[3] * N, [1] * N])
+  np.testing.assert_array_equal(out.final.inner_steps, out.stats.inner_steps)
+  np.testing.assert_array_equal(out.final.losses, out.stats.loss)
+  for b, epsilon in enumerate([-1.0, 1e3]):
+    want = inv.null_text_inversion(fn, params, s, traj_B[b], cond_B[b], null_B[b], 3, 7.5, epsilon)
+    np.testing.assert_array_equal(out.final.inner_steps[b], np.asarray(want.inner_steps))
+    np.testing.assert_allclose(out.final.losses[b], np.asarray(want.losses), rtol=1e-4)
+    for i in range(N):  # the parity test's tolerances (Adam divides by sqrt(v): rounding shows)
+      moved = np.abs(np.asarray(want.null_embeddings[i]) - null).max()
+      err = np.abs(out.final.null_embeddings[b, i] - np.asarray(want.null_embeddings[i]))
+      assert moved > 1e-4 and np.quantile(err, 0.99) <= NULL_Q99_RTOL * moved, (b, i, moved)
+      assert err.max() <= NULL_MAX_RTOL * moved, (b, i, err.max(), moved)

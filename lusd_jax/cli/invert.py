@@ -43,6 +43,7 @@ def add_invert_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", default="outputs/invert", help="output folder (default %(default)s)")
   args_lib.add_model_arguments(parser)
   args_lib.add_size_argument(parser)
+  args_lib.add_quiet_argument(parser)
 
 
 _FLAGS = {"num_steps": "--steps", "guidance": "--guidance", "inner_steps": "--inner-steps"}
@@ -71,7 +72,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
   t0 = time.time()
   result = reconstruction.invert(
     model, image, source, num_steps=args.steps, null_text=args.null_text, guidance=args.guidance,
-    inner_steps=args.inner_steps, size=args.size, announce=print,
+    inner_steps=args.inner_steps, size=args.size, announce=print, progress=not args.quiet,
   )  # fmt: skip
   title = f'"{source}": {"null-text" if args.null_text else "DDIM"} inversion, {args.steps} steps'
   if model.is_random:
