@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -217,3 +218,37 @@ def run(
     snapshot_steps=tuple(snapshot_steps),
     snapshots=jax.tree.map(lambda *xs: np.stack(xs, axis=1), *snapshots) if snapshot_every else None,
   )
+
+
+@contextlib.contextmanager
+def progress(num_steps: int, desc: str, enabled: bool = True, postfix: Callable[[Any], dict] | None = None):
+  """A tqdm bar over the steps of an engine run; yields the `on_chunk` callback that moves it.
+
+  Args:
+    num_steps: N, the bar's total.
+    desc: its label.
+    enabled: False yields None (no bar, `engine.run` runs without a callback).
+    postfix: optional; called with the stats of the steps a chunk completed (leaves [B, k], the
+      chunk's steps past N dropped), returns what the bar shows after it.
+
+  Yields:
+    on_chunk(done, state, stats) for `engine.run`, or None.
+  """
+  if not enabled:
+    yield None
+    return
+  from tqdm.auto import tqdm
+
+  bar = tqdm(total=num_steps, desc=desc, unit="step", dynamic_ncols=True)
+  # The first chunk compiles the program (seconds to a minute; later runs read XLA's cache).
+  bar.set_postfix_str("compiling", refresh=True)
+
+  def on_chunk(done, _state, stats):
+    new = jax.tree.map(lambda a: np.asarray(a)[:, : done - bar.n], stats)
+    bar.set_postfix(postfix(new) if postfix else {}, refresh=False)
+    bar.update(done - bar.n)
+
+  try:
+    yield on_chunk
+  finally:
+    bar.close()

@@ -9,7 +9,6 @@ shape compiles nothing.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import platform
 import time
@@ -19,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from lusd_jax import io, sharding
+from lusd_jax import engine, io, sharding
 from lusd_jax.loading import SDModel
 from lusd_jax.lusd import core
 from lusd_jax.lusd.config import LUSDConfig
@@ -70,35 +69,19 @@ def progress_chunk_size(num_steps: int, chunk_size: int | None = None) -> int:
   return chunk_size or max(1, min(25, num_steps // 10 or 1))
 
 
-@contextlib.contextmanager
 def step_progress(num_steps: int, desc: str, enabled: bool = True):
-  """A tqdm bar over optimization steps; yields the `on_chunk` callback that moves it (None if off).
-
-  For LUSD the bar's postfix counts the redraws so far (`StepStats.rejections`, summed over the batch).
-  """
-  if not enabled:
-    yield None
-    return
-  from tqdm.auto import tqdm
-
-  bar = tqdm(total=num_steps, desc=desc, unit="step", dynamic_ncols=True)
-  # The first chunk compiles the program (seconds to a minute; later runs read XLA's cache).
-  bar.set_postfix_str("compiling", refresh=True)
+  """`engine.progress` over optimization steps; for LUSD its postfix counts the redraws so far
+  (`StepStats.rejections`, summed over the batch). Yields the `on_chunk` callback (None if off)."""
   rejected = 0
 
-  def on_chunk(done, _state, stats):
+  def postfix(stats):
     nonlocal rejected
-    if hasattr(stats, "rejections"):  # LUSD's filtered resampling
-      rejected += int(np.asarray(stats.rejections)[:, : done - bar.n].sum())
-      bar.set_postfix(rejections=rejected, refresh=False)
-    else:
-      bar.set_postfix_str("", refresh=False)
-    bar.update(done - bar.n)
+    if not hasattr(stats, "rejections"):
+      return {}
+    rejected += int(np.asarray(stats.rejections).sum())
+    return {"rejections": rejected}
 
-  try:
-    yield on_chunk
-  finally:
-    bar.close()
+  return engine.progress(num_steps, desc, enabled=enabled, postfix=postfix)
 
 
 def edit(

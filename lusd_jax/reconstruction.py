@@ -12,7 +12,6 @@ chunks of steps under a progress bar when `progress` is on (the NaN/inf report c
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -87,30 +86,11 @@ def invert(
   z0 = prepare.encode_image(model, x)
   timings["encode_s"] = time.perf_counter() - t0
 
-  announce(f"DDIM inversion: {num_steps} steps")
-  t1 = time.perf_counter()
-  trajectory = _run_phase(
-    inversion.DDIMInversion(unet_fn, schedule, num_steps), params, inversion.InversionInputs(z0, ctx_src),
-    (), "DDIM inversion", progress,
+  inv = invert_latent(
+    model, z0, ctx_src, ctx_empty, num_steps=num_steps, null_text=null_text, guidance=guidance,
+    inner_steps=inner_steps, progress=progress, announce=announce, timings=timings,
   )  # fmt: skip
-  timings["ddim_inversion_s"] = time.perf_counter() - t1
-  nti = None
-  if null_text:
-    announce(f"null-text inversion: {num_steps} steps x at most {inner_steps} Adam steps")
-    t2 = time.perf_counter()
-    nti = _run_phase(
-      inversion.NullTextOptimization(unet_fn, schedule, num_steps),
-      params,
-      inversion.NullTextInputs(trajectory, ctx_src, ctx_empty),
-      inversion.NullTextNumeric.of(guidance, inner_steps),
-      "null-text inversion",
-      progress,
-      postfix=_mean_inner_steps(),
-    )
-    timings["null_text_s"] = time.perf_counter() - t2
-    nulls = nti.null_embeddings
-  else:
-    nulls = np.broadcast_to(np.asarray(ctx_empty), (num_steps,) + ctx_empty.shape)
+  trajectory, nulls = inv.trajectory, inv.null_embeddings
   announce(f"reconstruction: {num_steps} guided DDIM steps (w = {guidance:g})")
   t3 = time.perf_counter()
   z_rec = _run_phase(
@@ -127,12 +107,71 @@ def invert(
     timesteps=schedule_lib.ddim_timesteps(schedule, num_steps),
     trajectory=np.asarray(trajectory),
     null_embeddings=np.asarray(nulls),
-    inner_steps=None if nti is None else nti.inner_steps,
-    losses=None if nti is None else nti.losses,
+    inner_steps=inv.inner_steps,
+    losses=inv.losses,
     reconstruction=rec,
     latent_error=float(np.mean((z_rec - np.asarray(z0)) ** 2)),
     psnr_db=float(10 * np.log10(1.0 / max(mse_image, 1e-12))),
     timings=timings,
+  )
+
+
+class LatentInversion(NamedTuple):
+  """DDIM inversion and (optionally) null-text inversion of one latent (NumPy)."""
+
+  trajectory: np.ndarray  # [N + 1, h, w, 4]: z_0 .. z_T
+  null_embeddings: np.ndarray  # [N, L, D]: optimized, or the "" embedding repeated
+  inner_steps: np.ndarray | None  # [N] Adam steps per step (None without null-text inversion)
+  losses: np.ndarray | None  # [N] the last inner loss per step
+
+
+def invert_latent(
+  model: SDModel, z0, ctx_src, ctx_empty, *, num_steps: int, null_text: bool = True,
+  guidance: float = inversion.NTI_GUIDANCE, inner_steps: int = inversion.NTI_INNER_STEPS,
+  progress: bool = False, announce=None, timings: dict | None = None,
+) -> LatentInversion:  # fmt: skip
+  """The inversion phases of `invert` (and of UnifyEdit): DDIM inversion, then null-text inversion.
+
+  Args:
+    model: the loaded model.
+    z0: [h, w, 4] the photo's latent.
+    ctx_src, ctx_empty: [L, D] the source prompt's and "" embeddings.
+    num_steps, null_text, guidance, inner_steps, progress: as `invert`.
+    announce: where one line per phase goes.
+    timings: a dict that receives "ddim_inversion_s" and "null_text_s".
+  """
+  announce = announce or (lambda _msg: None)
+  timings = {} if timings is None else timings
+  schedule = model.configs.schedule
+  unet_fn = core.FlaxUNet(model.configs.unet, model.unet_dtype)
+  params = model.params.unet
+  announce(f"DDIM inversion: {num_steps} steps")
+  t1 = time.perf_counter()
+  trajectory = _run_phase(
+    inversion.DDIMInversion(unet_fn, schedule, num_steps), params, inversion.InversionInputs(z0, ctx_src),
+    (), "DDIM inversion", progress,
+  )  # fmt: skip
+  timings["ddim_inversion_s"] = time.perf_counter() - t1
+  if not null_text:
+    nulls = np.broadcast_to(np.asarray(ctx_empty), (num_steps,) + tuple(ctx_empty.shape))
+    return LatentInversion(np.asarray(trajectory), nulls, None, None)
+  announce(f"null-text inversion: {num_steps} steps x at most {inner_steps} Adam steps")
+  t2 = time.perf_counter()
+  nti = _run_phase(
+    inversion.NullTextOptimization(unet_fn, schedule, num_steps),
+    params,
+    inversion.NullTextInputs(trajectory, ctx_src, ctx_empty),
+    inversion.NullTextNumeric.of(guidance, inner_steps),
+    "null-text inversion",
+    progress,
+    postfix=_mean_inner_steps(),
+  )
+  timings["null_text_s"] = time.perf_counter() - t2
+  return LatentInversion(
+    np.asarray(trajectory),
+    np.asarray(nti.null_embeddings),
+    np.asarray(nti.inner_steps),
+    np.asarray(nti.losses),
   )
 
 
@@ -170,7 +209,7 @@ def _run_phase(method, params, inputs, numeric, desc: str, progress: bool, postf
   one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # noqa: E731
   n = method.num_steps
   chunk = progress_chunk_size(n) if progress else None
-  with phase_progress(n, desc, enabled=progress, postfix=postfix) as on_chunk:
+  with engine.progress(n, desc, enabled=progress, postfix=postfix) as on_chunk:
     out = engine.run(
       method, params, one(inputs), jax.random.split(jax.random.key(0), 1), one(numeric),
       chunk_size=chunk, ids=["the photo"], on_chunk=on_chunk,
@@ -179,7 +218,7 @@ def _run_phase(method, params, inputs, numeric, desc: str, progress: bool, postf
 
 
 def _mean_inner_steps() -> Callable[[Any], dict]:
-  """A `phase_progress` postfix: Adam steps per step of null-text inversion, averaged so far."""
+  """An `engine.progress` postfix: Adam steps per step of null-text inversion, averaged so far."""
   seen = []
 
   def postfix(stats):
@@ -187,39 +226,3 @@ def _mean_inner_steps() -> Callable[[Any], dict]:
     return {"inner_steps": f"{np.mean(seen):.1f}"}
 
   return postfix
-
-
-@contextlib.contextmanager
-def phase_progress(
-  num_steps: int, desc: str, enabled: bool = True, postfix: Callable[[Any], dict] | None = None
-):
-  """A tqdm bar over the steps of an engine run; yields the `on_chunk` callback that moves it.
-
-  Args:
-    num_steps: N, the bar's total.
-    desc: its label.
-    enabled: False yields None (no bar, `engine.run` runs without a callback).
-    postfix: optional; called with the stats of the steps a chunk completed (leaves [B, k], the
-      chunk's steps past N dropped), returns what the bar shows after it.
-
-  Yields:
-    on_chunk(done, state, stats) for `engine.run`, or None.
-  """
-  if not enabled:
-    yield None
-    return
-  from tqdm.auto import tqdm
-
-  bar = tqdm(total=num_steps, desc=desc, unit="step", dynamic_ncols=True)
-  # The first chunk compiles the program (seconds to a minute; later runs read XLA's cache).
-  bar.set_postfix_str("compiling", refresh=True)
-
-  def on_chunk(done, _state, stats):
-    new = jax.tree.map(lambda a: np.asarray(a)[:, : done - bar.n], stats)
-    bar.set_postfix(postfix(new) if postfix else {}, refresh=False)
-    bar.update(done - bar.n)
-
-  try:
-    yield on_chunk
-  finally:
-    bar.close()

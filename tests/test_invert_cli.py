@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from lusd_jax import cli, inversion, io, loading, reconstruction
+from lusd_jax import cli, engine, inversion, io, loading, reconstruction
 
 BASE = ["invert", "--example", "cat", "--model", "tiny-random", "--size", "64"]
 
@@ -80,14 +80,12 @@ def test_phase_progress_counts_steps_and_averages_only_real_steps(capsys):
     k = len(counts)
     return inversion.NullTextStats(np.array([counts]), np.zeros((1, k), np.float32), np.ones((1, k), bool))
 
-  with reconstruction.phase_progress(
-    5, "null-text inversion", postfix=reconstruction._mean_inner_steps()
-  ) as cb:
+  with engine.progress(5, "null-text inversion", postfix=reconstruction._mean_inner_steps()) as cb:
     cb(2, None, stats(3, 1))
     cb(4, None, stats(3, 3))
     cb(5, None, stats(2, 99))  # 99: the padding step's stats, dropped
   err = capsys.readouterr().err
   assert re.search(r"null-text inversion: 100%.*5/5.*inner_steps=2\.4", err), err  # (3+1+3+3+2)/5
-  with reconstruction.phase_progress(5, "off", enabled=False) as cb:
+  with engine.progress(5, "off", enabled=False) as cb:
     assert cb is None
   assert "off" not in capsys.readouterr().err

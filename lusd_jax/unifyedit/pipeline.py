@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lusd_jax import engine, inversion, io, prepare
+from lusd_jax import engine, io, prepare, reconstruction
 from lusd_jax import schedule as schedule_lib
 from lusd_jax.loading import SDModel
 from lusd_jax.lusd.core import FlaxUNet
@@ -119,19 +119,15 @@ def _is_path(x) -> bool:
   return isinstance(x, str | bytes) or hasattr(x, "__fspath__")
 
 
-def invert_prepared(model: SDModel, prep: PreparedUnifyEdit, config: UnifyEditConfig) -> InversionRecord:
+def invert_prepared(
+  model: SDModel, prep: PreparedUnifyEdit, config: UnifyEditConfig, *, progress: bool = False, announce=None
+) -> InversionRecord:
   """The inversion phase: DDIM inversion, then null-text inversion (config.inversion == "nti")."""
-  unet_fn = FlaxUNet(model.configs.unet, model.unet_dtype)
-  schedule, n = model.configs.schedule, config.num_steps
-  traj = inversion.ddim_invert(unet_fn, model.params.unet, schedule, prep.z0, prep.ctx[0], num_steps=n)
-  if config.inversion == "ddim":
-    nulls = jnp.broadcast_to(prep.ctx[2], (n,) + prep.ctx[2].shape)
-    return InversionRecord(np.asarray(traj), np.asarray(nulls), None)
-  nti = inversion.null_text_inversion(
-    unet_fn, model.params.unet, schedule, traj, prep.ctx[0], prep.ctx[2],
-    num_inner_steps=config.nti_inner_steps, guidance=config.guidance,
+  inv = reconstruction.invert_latent(
+    model, prep.z0, prep.ctx[0], prep.ctx[2], num_steps=config.num_steps, null_text=config.inversion == "nti",
+    guidance=config.guidance, inner_steps=config.nti_inner_steps, progress=progress, announce=announce,
   )  # fmt: skip
-  return InversionRecord(np.asarray(traj), np.asarray(nti.null_embeddings), np.asarray(nti.inner_steps))
+  return InversionRecord(inv.trajectory, inv.null_embeddings, inv.inner_steps)
 
 
 def load_inversion(
@@ -241,14 +237,10 @@ def edit_configs(
     inv = inversion_record
   elif inversion_record is not None:
     inv = load_inversion(
-      inversion_record, first.num_steps, prep.z0.shape, prep.ctx.shape[1:], "inversion_record"
+      inversion_record, first.num_steps, prep.z0.shape, prep.ctx.shape[1:], "--reuse-inversion"
     )
   else:
-    announce(
-      f"inversion: {first.num_steps} DDIM steps"
-      + (", then null-text inversion" if first.inversion == "nti" else "")
-    )
-    inv = invert_prepared(model, prep, first)
+    inv = invert_prepared(model, prep, first, progress=progress, announce=announce)
   timings["inversion_s"] = time.perf_counter() - t1
   t2 = time.perf_counter()
   out = denoise(model, _inputs(prep, inv), configs, mesh=mesh, progress=progress, chunk_size=chunk_size)
