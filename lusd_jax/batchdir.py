@@ -32,6 +32,8 @@ REQUIRED_COLUMNS = ("img_path", "source_prompt", "target_prompt")  # of a batch 
 INDEX_COLUMNS = (
   *REQUIRED_COLUMNS,
   "edit_words",
+  "mask_path",  # UnifyEdit: the row's mask (a path like img_path, or "auto")
+  "edit_type",  # UnifyEdit: the row's preset (color, texture, object, background, style, face)
   "global_source_prompt",
   "global_target_prompt",
   "local_prompt",
@@ -60,6 +62,8 @@ class BatchRow(NamedTuple):
   target_prompt: str
   edit_words: str | None  # optional column; None when absent or empty
   problem: str | None = None
+  mask_path: Path | str | None = None  # UnifyEdit's optional column: a resolved path, "auto", or None
+  edit_type: str | None = None  # UnifyEdit's optional column
 
 
 def image_path_candidates(input_dir: Path, name: str) -> list[Path]:
@@ -75,6 +79,13 @@ def _resolve_image_path(input_dir: Path, name: str) -> Path:
   """The first of `image_path_candidates` that exists, else the first (named in "not found" errors)."""
   candidates = image_path_candidates(input_dir, name)
   return next((c for c in candidates if c.exists()), candidates[0])
+
+
+def _mask_path(input_dir: Path, name: str) -> Path | str | None:
+  """A row's mask_path: resolved like img_path; "auto" (LUSD's attention mask) kept; "" -> None."""
+  if not name:
+    return None
+  return "auto" if name == "auto" else _resolve_image_path(input_dir, name)
 
 
 def _row_problem(fields: dict, extra: Sequence[str], csv_path: Path, line: int) -> str | None:
@@ -152,7 +163,8 @@ def read_index(input_dir: str | os.PathLike) -> list[BatchRow]:
   """Reads a batch folder in the official LUSD format.
 
   `index.csv` has a header with `img_path,source_prompt,target_prompt` and optionally
-  `edit_words`, in any order; extra columns are ignored. It is read by `read_index_records`.
+  `edit_words` (and, for UnifyEdit, `mask_path` and `edit_type`), in any order; extra columns are
+  ignored. It is read by `read_index_records`.
 
   Args:
     input_dir: folder holding `index.csv` and usually `images/`.
@@ -179,6 +191,8 @@ def read_index(input_dir: str | os.PathLike) -> list[BatchRow]:
       target_prompt=r.fields["target_prompt"],
       edit_words=r.fields["edit_words"] or None,
       problem=_row_problem(r.fields, r.extra, csv_path, r.line),
+      mask_path=_mask_path(input_dir, r.fields["mask_path"]),
+      edit_type=r.fields["edit_type"] or None,
     )
     for r in read_index_records(csv_path, REQUIRED_COLUMNS)
   ]

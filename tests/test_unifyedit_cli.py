@@ -89,3 +89,43 @@ def test_edit_writes_grid_scheduler_plot_and_record(files, capsys):
   assert 0.2 < record["mask"]["fraction"] < 0.5
   grid = np.asarray(Image.open(out / "grid.png"))
   assert grid.shape[1] > 4 * 128  # input | reconstruction | edit | mask
+
+
+@pytest.mark.slow
+def test_batch_reads_mask_path_and_edit_type_and_resumes(files, capsys):
+  images = files / "in" / "images"
+  images.mkdir(parents=True)
+  for name in ("photo.png", "mask.png", "empty.png"):
+    (images / name).write_bytes((files / name).read_bytes())
+  (files / "in" / "index.csv").write_text(
+    "img_path,source_prompt,target_prompt,mask_path,edit_type\n"
+    "photo.png,a cat,a dog,mask.png,object\n"
+    "photo.png,a cat,a painting of a cat,,object\n"  # a global edit: no mask
+    "photo.png,a cat,a dog,empty.png,object\n"  # fails before the model loads
+    "photo.png,a cat,a dog,mask.png,sculpture\n"  # not an edit type
+  )
+  out = files / "bout"
+  cmd = [
+    "batch", "--input-dir", str(files / "in"), "--output-dir", str(out), "--method", "unifyedit",
+    "--model", "tiny-random", "--size", "128", "--num-steps", "3", "--tau1", "1", "--tau2", "2",
+    "--inversion", "ddim", "--quiet",
+  ]  # fmt: skip
+  assert cli.main(cmd) == 1
+  captured = capsys.readouterr()
+  assert "batch: 2 edited, 0 already done, 2 failed (of 4 rows)" in captured.out
+  assert "[row 2] failed: mask_path" in captured.err and "empty" in captured.err
+  assert "[row 3] failed: edit_type 'sculpture'" in captured.err
+  for r in (0, 1):
+    for name in (
+      f"{r:03d}_seed0.png",
+      f"{r:03d}_reconstruction.png",
+      f"{r:03d}_grid.png",
+      f"{r:03d}_scheduler.png",
+    ):
+      assert (out / name).stat().st_size > 0, name
+  rec0, rec1 = (json.loads((out / f"{r:03d}_run.json").read_text()) for r in (0, 1))
+  assert rec0["mask"]["fraction"] > 0 and rec1["mask"] is None
+  assert rec0["config"]["k1"] == 0.15  # the object preset
+  # A rerun skips the finished rows (and fails the bad ones again, before loading anything).
+  assert cli.main(cmd) == 1
+  assert "batch: 0 edited, 2 already done, 2 failed" in capsys.readouterr().out

@@ -280,12 +280,10 @@ def seeds_from_args(args: argparse.Namespace) -> tuple[int, ...]:
   return io.check_seeds(range(args.init_seed, args.init_seed + args.num_seed), "--init-seed/--num-seed")
 
 
-def config_from_args(args: argparse.Namespace):
-  """The --method's base config with every given hyperparameter flag applied, and the flags of the
-  other method (and LUSD's `--save-step`, UnifyEdit's `--mask`) refused."""
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+  """The hyperparameter flags given, {field: value}; a flag of the other method's config is an error."""
   method = getattr(args, "method", "lusd")
-  cls = methods.get(method).config
-  mine = _field_names(cls)
+  mine = _field_names(methods.get(method).config)
   given = {
     name: getattr(args, f"cfg_{name}")
     for entry in methods.METHODS.values()
@@ -296,7 +294,14 @@ def config_from_args(args: argparse.Namespace):
     if name not in mine:
       owner = next(m for m, e in methods.METHODS.items() if name in _field_names(e.config))
       raise io.InputError(f"{flag_name(name)} is a {owner} hyperparameter; this run's --method is {method}")
-  config = config_from_flags(base_config(args), given)
+  return given
+
+
+def config_from_args(args: argparse.Namespace):
+  """The --method's base config with every given hyperparameter flag applied, and the flags of the
+  other method (and LUSD's `--save-step`, UnifyEdit's `--mask`) refused."""
+  method = getattr(args, "method", "lusd")
+  config = config_from_flags(base_config(args), config_overrides(args))
   if getattr(args, "save_step", 0) < 0:
     raise io.InputError(f"--save-step must be >= 0 (0: no snapshots), got {args.save_step}")
   if method == "unifyedit" and getattr(args, "save_step", 0):

@@ -9,9 +9,10 @@ import time
 
 import numpy as np
 
-from lusd_jax import batchdir, io, loading, pipeline, sharding, visual
+from lusd_jax import batchdir, engine, io, loading, pipeline, sharding, visual
 from lusd_jax.cli import args as args_lib
 from lusd_jax.unifyedit import pipeline as unifyedit_pipeline
+from lusd_jax.unifyedit.config import EDIT_TYPES, UnifyEditConfig
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,27 +98,114 @@ def unifyedit_scheduler_plot(result, title: str):
   )
 
 
-def save_unifyedit(
-  result, model, model_id: str, out_dir: str, prefix: str = "", title_prefix: str = ""
-) -> list[str]:
-  """Writes a UnifyEdit edit: {prefix}edit.png, reconstruction.png, grid.png, scheduler.png, run.json.
+# The files of one UnifyEdit edit (`lusd-jax edit`); `batch` names them per row (`_unifyedit_row_names`).
+UNIFYEDIT_FILES = dict(
+  edit="edit.png",
+  reconstruction="reconstruction.png",
+  grid="grid.png",
+  scheduler="scheduler.png",
+  record="run.json",
+)
 
-  The run record is written last: its presence means the edit is complete.
+
+def save_unifyedit(
+  result, model, model_id: str, out_dir, names=UNIFYEDIT_FILES, title_prefix: str = ""
+) -> list[str]:
+  """Writes a UnifyEdit edit: the edit, the reconstruction, the grid, the scheduler plot, the run record.
+
+  The run record is written last: its presence means the edit is complete (`batch` resumes on it).
   """
   os.makedirs(out_dir, exist_ok=True)
   title = f'{title_prefix}"{result.source_prompt}" -> "{result.target_prompt}"'
+  rounding = result.config.output_rounding
   files = {
-    f"{prefix}edit.png": (result.images[0], result.config.output_rounding),
-    f"{prefix}reconstruction.png": (result.reconstruction[0], result.config.output_rounding),
-    f"{prefix}grid.png": (unifyedit_grid(result, title, model.is_random), "round"),
-    f"{prefix}scheduler.png": (unifyedit_scheduler_plot(result, title), "round"),
+    names["edit"]: (result.images[0], rounding),
+    names["reconstruction"]: (result.reconstruction[0], rounding),
+    names["grid"]: (unifyedit_grid(result, title, model.is_random), "round"),
+    names["scheduler"]: (unifyedit_scheduler_plot(result, title), "round"),
   }
-  for name, (image, rounding) in files.items():
-    io.save_png(os.path.join(out_dir, name), image, rounding)
-  io.write_json_atomic(
-    os.path.join(out_dir, f"{prefix}run.json"), pipeline.run_record(result, model, model_id)
-  )
-  return [*files, f"{prefix}run.json"]
+  for name, (image, how) in files.items():
+    io.save_png(os.path.join(out_dir, name), image, how)
+  io.write_json_atomic(os.path.join(out_dir, names["record"]), pipeline.run_record(result, model, model_id))
+  return [*files, names["record"]]
+
+
+def _unifyedit_row_names(r: int) -> dict[str, str]:
+  """A batch row's UnifyEdit files: the edit under LUSD's name (`{row:03d}_seed0.png`, what `eval` reads)."""
+  return dict(
+    edit=batchdir.output_name(r, 0), reconstruction=f"{r:03d}_reconstruction.png", grid=batchdir.grid_name(r),
+    scheduler=f"{r:03d}_scheduler.png", record=batchdir.run_record_name(r),
+  )  # fmt: skip
+
+
+def _batch_unifyedit(args, rows, out_dir) -> int:
+  """`lusd-jax batch --method unifyedit`: every row's inputs (mask_path, edit_type) checked before the
+  weights load, then one edit per row (each with its own inversion), written as it finishes.
+
+  A row is done when its run record exists (written last); a rerun skips it.
+  """
+  if args.mask is not None or args.reuse_inversion is not None:
+    raise io.InputError("--mask / --reuse-inversion are per row in a batch: use index.csv's mask_path column")
+  if args_lib.seeds_from_args(args) != (0,):
+    raise io.InputError(
+      "--seeds: UnifyEdit is deterministic (DDIM inversion and sampling): leave the seeds out"
+    )
+  overrides = args_lib.config_overrides(args)
+  head = loading.load_model_head(args.model)
+  failures: list[tuple[int, str]] = []
+  jobs, skipped = [], 0
+
+  def fail(r: int, message: str):
+    failures.append((r, message))
+    print(f"[row {r}] failed: {message}", file=sys.stderr)
+
+  for row in rows:
+    if batchdir.is_done(out_dir / batchdir.run_record_name(row.row)):
+      skipped += 1
+      continue
+    if row.problem:
+      fail(row.row, f"index.csv row {row.row}: {row.problem}")
+      continue
+    try:
+      edit_type = row.edit_type or args.edit_type
+      if edit_type is not None and edit_type not in EDIT_TYPES:
+        raise io.InputError(f"edit_type {edit_type!r} is not one of {', '.join(EDIT_TYPES)}")
+      base = UnifyEditConfig.preset(edit_type) if edit_type else UnifyEditConfig()
+      config = args_lib.config_from_flags(base, overrides)
+      args_lib.check_timesteps(config, head.schedule)
+      if not os.path.isfile(row.img_path):
+        raise io.InputError(f"image not found: {row.img_path}")
+      _, _, mask = unifyedit_pipeline.check_unifyedit(
+        head.tokenizer, head.schedule, row.source_prompt, row.target_prompt, config, row.edit_words,
+        mask=None if row.mask_path in (None, "auto") else row.mask_path,
+        image_size=io.image_original_size(row.img_path), size=args.size,
+        names=lambda a: "mask_path" if a == "mask" else args_lib.flag_name(a),
+      )  # fmt: skip
+    except io.InputError as e:
+      fail(row.row, str(e))
+      continue
+    jobs.append((row, config, "auto" if row.mask_path == "auto" else mask))
+  done = 0
+  model = args_lib.load_model(args) if jobs else None
+  for row, config, mask in jobs:
+    print(f"[row {row.row}] {os.path.basename(row.img_path)}: {row.source_prompt!r} -> {row.target_prompt!r}")
+    try:
+      # The photo as an array: the mask was checked against its file's size and is already cropped.
+      image = io.load_image(row.img_path, args.size)
+      result = unifyedit_pipeline.edit(
+        model, image, row.source_prompt, row.target_prompt, config, mask=mask,
+        edit_words=row.edit_words, size=args.size, progress=not args.quiet,
+      )  # fmt: skip
+    except (io.InputError, ValueError, engine.NonFiniteError) as e:
+      fail(row.row, str(e))
+      continue
+    save_unifyedit(result, model, args.model, out_dir, _unifyedit_row_names(row.row), f"{row.row:03d}: ")
+    done += 1
+  failures.sort()
+  print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {len(rows)} rows)")
+  if failures:
+    print(batchdir.summarize_failures(failures))
+  return 1 if failures else 0
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -161,10 +249,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
   """
 
   rows = batchdir.read_index(args.input_dir)
-  seeds = args_lib.seeds_from_args(args)
   config = args_lib.config_from_args(args)
   io.validate_size(args.size)
   out_dir = io.check_output_dir(args.output_dir, flag="--output-dir")
+  if args.method == "unifyedit":
+    return _batch_unifyedit(args, rows, out_dir)
+  seeds = args_lib.seeds_from_args(args)
+  if any(row.mask_path is not None or row.edit_type is not None for row in rows):
+    print(
+      "batch: the mask_path and edit_type columns are UnifyEdit's (--method unifyedit); LUSD ignores them"
+    )
   mesh = args_lib.mesh_from_args(args)
   snapshots = bool(args.save_step)
   stale = batchdir.remove_stale_temp_files(out_dir)
