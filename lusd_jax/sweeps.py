@@ -36,7 +36,9 @@ import numpy as np
 
 from lusd_jax import io, pipeline, visual
 from lusd_jax.loading import SDModel
-from lusd_jax.lusd.config import BOOL_NUMERIC, INT_NUMERIC, LUSDConfig, LUSDNumeric
+from lusd_jax.lusd.config import LUSDConfig, LUSDNumeric
+from lusd_jax.unifyedit import config as unifyedit_config
+from lusd_jax.unifyedit import pipeline as unifyedit_pipeline
 
 # Read by the prompt analysis before the optimization: one value for the whole sweep.
 _PROMPT_FIELDS = ("edit_token_last_subtoken",)
@@ -62,6 +64,7 @@ class SweepResult(NamedTuple):
   base_config: LUSDConfig  # the config the grid's values override
   timings: dict
   zero_gradient_steps: np.ndarray | None = None  # [C, S] int: steps whose g was exactly 0
+  results: tuple | None = None  # UnifyEdit: [C] the cells' `EditResult`s (S = 1)
 
   @property
   def grid_shape(self) -> tuple[int, ...]:
@@ -70,6 +73,8 @@ class SweepResult(NamedTuple):
 
   def cell(self, c: int) -> pipeline.EditResult:
     """Config c's edits as the `EditResult` that `lusd_jax.edit` returns for them (no snapshots)."""
+    if self.results is not None:
+      return self.results[c]
     known = dict(
       images=self.images[c],
       latents=self.latents[c],
@@ -93,16 +98,26 @@ class SweepResult(NamedTuple):
 # ----------------------------------------------------------------------------- the grid
 
 
-def _field_kind(name: str) -> type:
-  return bool if name in BOOL_NUMERIC else int if name in INT_NUMERIC else float
+def _traced_fields(config_cls: type) -> tuple[str, ...]:
+  """The fields of a method's config that are passed traced (a sweep's axes)."""
+  if config_cls is unifyedit_config.UnifyEditConfig:
+    return unifyedit_config.TRACED_FIELDS
+  return LUSDNumeric._fields
 
 
-def _check_value(name: str, value: Any) -> Any:
+def _field_kind(name: str, config_cls: type = LUSDConfig) -> type:
+  return type(next(f.default for f in dataclasses.fields(config_cls) if f.name == name))
+
+
+def _check_value(name: str, value: Any, config_cls: type = LUSDConfig) -> Any:
   """`value` as the Python type of field `name`; ValueError naming the field otherwise."""
-  kind = _field_kind(name)
+  kind = _field_kind(name, config_cls)
   if kind is bool:
     if isinstance(value, bool | np.bool_):
       return bool(value)
+  elif kind is str:
+    if isinstance(value, str):
+      return value
   elif kind is int:
     if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
       return int(value)
@@ -112,11 +127,15 @@ def _check_value(name: str, value: Any) -> Any:
   raise io.InputError(f"grid: {name} takes {kind.__name__} values, got {value!r}")
 
 
-def check_grid(grid: Mapping[str, Sequence[Any]]) -> tuple[tuple[str, tuple], ...]:
-  """Validates a sweep grid: keys are traced `LUSDConfig` fields, values non-empty lists of their type.
+def check_grid(
+  grid: Mapping[str, Sequence[Any]], config_cls: type = LUSDConfig
+) -> tuple[tuple[str, tuple], ...]:
+  """Validates a sweep grid: keys are traced fields of the method's config, values non-empty lists.
 
   Args:
     grid: {field: [values]}, e.g. {"reg_scale": [0.0, 0.02], "threshold": [0.005, 0.01]}.
+    config_cls: `LUSDConfig` or `UnifyEditConfig` (whose traced fields include beta, k, tau,
+      gradient and schedule_form).
 
   Returns:
     The axes ((field, values), ...) in the dict's order.
@@ -127,20 +146,21 @@ def check_grid(grid: Mapping[str, Sequence[Any]]) -> tuple[tuple[str, tuple], ..
   """
   if not grid:
     raise io.InputError("grid: give at least one field with values, e.g. {'reg_scale': [0.0, 0.02]}")
-  fields = {f.name for f in dataclasses.fields(LUSDConfig)}
+  fields = {f.name for f in dataclasses.fields(config_cls)}
+  traced = _traced_fields(config_cls)
   axes = []
   for name, values in grid.items():
     if name not in fields:
-      raise io.InputError(f"grid: unknown LUSDConfig field {name!r}")
+      raise io.InputError(f"grid: unknown {config_cls.__name__} field {name!r}")
     if name in _PROMPT_FIELDS:
       raise io.InputError(f"grid: {name} is read by the prompt analysis and cannot vary within a sweep")
-    if name not in LUSDNumeric._fields:
+    if name not in traced:
       raise io.InputError(
         f"grid: {name} is a static field (it shapes the compiled program); run one sweep per value"
       )
     if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
       raise io.InputError(f"grid: {name} needs a list of values, got {values!r}")
-    values = tuple(_check_value(name, v) for v in values)
+    values = tuple(_check_value(name, v, config_cls) for v in values)
     if not values:
       raise io.InputError(f"grid: {name} has no values")
     if len(set(values)) != len(values):
@@ -193,8 +213,12 @@ def sweep(
   announce: Callable[[str], None] | None = None,
   mesh: jax.sharding.Mesh | None = None,
   chunk_size: int | None = None,
+  mask=None,
 ) -> SweepResult:
   """Edits `image` once per (grid config, seed), all C x S edits in one compiled program.
+
+  With a `UnifyEditConfig` as `base_config`, the grid runs UnifyEdit (one seed; the configs share
+  one inversion and one denoising program; `mask` as `lusd_jax.unifyedit.edit`).
 
   Args:
     model: from `lusd_jax.load_model`.
@@ -227,8 +251,17 @@ def sweep(
   """
   base = LUSDConfig() if base_config is None else base_config
   announce = announce or (lambda _msg: None)
-  axes = check_grid(grid)
+  axes = check_grid(grid, type(base))
   configs, labels = grid_configs(base, axes)
+  if isinstance(base, unifyedit_config.UnifyEditConfig):
+    if tuple(seeds) != (0,):
+      raise io.InputError("seeds: UnifyEdit is deterministic (DDIM inversion and sampling): give one seed")
+    results = unifyedit_pipeline.edit_configs(
+      model, image, source_prompt, target_prompt, configs, mask=mask, edit_words=edit_words,
+      token_positions=token_positions, size=size, progress=progress, announce=announce, mesh=mesh,
+      chunk_size=chunk_size,
+    )  # fmt: skip
+    return _unifyedit_sweep(results, axes, labels, base)
   timings = {}
   t0 = time.perf_counter()
   prep = pipeline.prepare_edit(
@@ -269,6 +302,31 @@ def sweep(
     base_config=base,
     timings=timings,
     zero_gradient_steps=cs(out.zero_gradient.sum(axis=1)),
+  )
+
+
+def _unifyedit_sweep(results, axes, labels, base) -> SweepResult:
+  """UnifyEdit's cells ([C] `EditResult`s with S = 1) as a `SweepResult`."""
+  first = results[0]
+  stack = lambda name: np.stack([getattr(r, name) for r in results])  # noqa: E731
+  return SweepResult(
+    images=stack("images"),
+    latents=stack("latents"),
+    input_image=first.input_image,
+    source_prompt=first.source_prompt,
+    target_prompt=first.target_prompt,
+    seeds=(0,),
+    axes=axes,
+    configs=tuple(r.config for r in results),
+    labels=tuple(labels),
+    rejections=stack("rejections"),
+    timesteps=stack("timesteps"),
+    hit_max_attempts=stack("hit_max_attempts"),
+    mask=None if first.mask is None else stack("mask"),
+    edit_tokens=first.edit_tokens,
+    base_config=base,
+    timings=first.timings,
+    results=tuple(results),
   )
 
 

@@ -69,6 +69,11 @@ class UnifyEditNumeric(NamedTuple):
   use_caa: jax.Array  # bool
 
 
+# The config fields passed traced (`numeric()`): a sweep may vary them within one program.
+TRACED_FIELDS = (
+  "guidance", "beta1", "beta2", "k1", "k2", "tau1", "tau2", "blend_start", "blend", "region_sap",
+  "schedule_form", "gradient",
+)  # fmt: skip
 _INT_NUMERIC = ("tau1", "tau2")
 _BOOL_NUMERIC = ("blend", "region_sap", "algorithm1_form", "scheduled", "normalized", "use_sap", "use_caa")
 
