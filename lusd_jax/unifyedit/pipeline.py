@@ -23,7 +23,7 @@ from lusd_jax.loading import SDModel
 from lusd_jax.lusd.core import FlaxUNet
 from lusd_jax.pipeline import EditResult, progress_chunk_size, step_progress
 from lusd_jax.prompts import word_token_positions
-from lusd_jax.unifyedit import losses
+from lusd_jax.unifyedit import automask, losses
 from lusd_jax.unifyedit.config import UnifyEditConfig, stack_numeric
 from lusd_jax.unifyedit.core import UnifyEdit, UnifyInputs, word_weights
 
@@ -68,7 +68,8 @@ def check_unifyedit(
   """Every check of a UnifyEdit edit that needs no weights: prompts, edit words, mask, size, T.
 
   Returns:
-    (edit tokens, word groups, the mask as float32 [size, size] or None).
+    (edit tokens, word groups, the mask as float32 [size, size], "auto" (made after the inversion)
+    or None).
 
   Raises:
     io.InputError: naming the argument (the CLI's flags through `names`).
@@ -94,7 +95,9 @@ def check_unifyedit(
         f"note: {name(tau)} {getattr(config, tau)} > {name('num_steps')} {config.num_steps}: {term} never acts "
         "(the presets' tau are step indices of a 50-step run)"
       )
-  if mask is not None:
+  if isinstance(mask, str) and mask == "auto":
+    pass  # LUSD's attention mask, made after the inversion (edit_configs, automask.py)
+  elif mask is not None:
     if isinstance(mask, str) or hasattr(mask, "__fspath__"):
       mask = io.load_mask(mask, size, image_size, flag=name("mask"))
     else:
@@ -241,6 +244,10 @@ def edit_configs(
     )
   else:
     inv = invert_prepared(model, prep, first, progress=progress, announce=announce)
+  if isinstance(prep.mask, str):  # mask="auto": from the inversion trajectory (automask.py)
+    prep = prep._replace(
+      mask=automask.mask_from_inversion(model, prep, inv.trajectory, first.num_steps, announce=announce)
+    )
   timings["inversion_s"] = time.perf_counter() - t1
   t2 = time.perf_counter()
   out = denoise(model, _inputs(prep, inv), configs, mesh=mesh, progress=progress, chunk_size=chunk_size)
@@ -314,7 +321,8 @@ def edit(
     target_prompt: describes the edit (P*).
     config: `UnifyEditConfig` (default: `UnifyEditConfig()`; `UnifyEditConfig.preset("color")` etc.).
     mask: the region to edit (a path or an array at the photo's size, cropped and resized like it);
-      None for a global edit (style): R_l is then the mean attention of s*, nothing is blended.
+      None for a global edit (style): R_l is then the mean attention of s*, nothing is blended;
+      "auto": LUSD's attention mask of the edit words (`automask.py`, beyond the paper).
     edit_words: the target words whose tokens are s* (default: inferred as LUSD does).
     token_positions: explicit s* token positions instead.
     size: image side, a multiple of 64.
