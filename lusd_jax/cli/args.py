@@ -373,14 +373,11 @@ def check_before_load(args, configs, seeds, source, target, edit_words, out_flag
     return mesh, None
   if len(seeds) != 1:
     raise io.InputError("--seeds: UnifyEdit is deterministic (DDIM inversion and sampling): give one seed")
-  given = getattr(args, "mask", None)
   image_size = io.image_original_size(args.image) if getattr(args, "image", None) else None
   _, _, mask = unifyedit_pipeline.check_unifyedit(
-    head.tokenizer, head.schedule, source, target, configs[0], edit_words,
-    mask=None if given == "auto" else given, image_size=image_size, size=args.size, names=flag_name,
-    announce=print,
+    head.tokenizer, head.schedule, source, target, configs[0], edit_words, mask=getattr(args, "mask", None),
+    image_size=image_size, size=args.size, names=flag_name, announce=print,
   )  # fmt: skip
-  mask = "auto" if given == "auto" else mask
   reuse = getattr(args, "reuse_inversion", None)
   if reuse is not None and not os.path.isfile(reuse):
     raise io.InputError(f"--reuse-inversion: no such file: {reuse}")

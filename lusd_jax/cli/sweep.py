@@ -11,13 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from lusd_jax import batchdir, io, pipeline, sweeps
+from lusd_jax import batchdir, io, methods, pipeline, sweeps
 from lusd_jax.cli import args as args_lib
 from lusd_jax.loading import SDModel
-from lusd_jax.lusd.config import LUSDConfig, LUSDNumeric
 from lusd_jax.sweeps import SweepResult
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LUSDConfig)}
+
+def _defaults(method: str) -> dict[str, Any]:
+  """{field: default} of the --method's config."""
+  return {f.name: f.default for f in dataclasses.fields(methods.get(method).config)}
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -33,7 +35,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     action="append",
     required=True,
     metavar="FIELD=V1,V2,...",
-    help="a traced LUSDConfig field and its values, e.g. reg_scale=0,0.02,0.05; repeat for more axes "
+    help="a traced field of the --method's config and its values, e.g. reg_scale=0,0.02,0.05 (LUSD) or "
+    "beta1=2,5 (UnifyEdit); repeat for more axes "
     "(the first axis gives the grid's rows)",
   )
   parser.add_argument(
@@ -41,14 +44,15 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     action="append",
     default=None,
     metavar="FIELD=VALUE",
-    help="fix another LUSDConfig field for every cell, e.g. --set lr=0.5 (repeatable)",
+    help="fix another config field for every cell, e.g. --set lr=0.5 (repeatable)",
   )
   args_lib.add_seed_arguments(parser)
   parser.add_argument(
     "--num-steps", type=int, default=None, help="optimization steps (default: the preset's)"
   )
   args_lib.add_method_argument(parser)
-  args_lib.add_preset_argument(parser, "base config that --set and --grid override")
+  args_lib.add_preset_argument(parser, "LUSD's base config that --set and --grid override")
+  args_lib.add_mask_arguments(parser)
   args_lib.add_model_arguments(parser)
   args_lib.add_size_argument(parser)
   args_lib.add_devices_argument(parser)
@@ -57,9 +61,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   return parser
 
 
-def _parse_value(name: str, text: str, flag: str) -> Any:
-  """One command-line value of LUSDConfig field `name`, typed like the field's default."""
-  kind = type(_DEFAULTS[name])
+def _parse_value(name: str, text: str, flag: str, defaults: dict) -> Any:
+  """One command-line value of config field `name`, typed like the field's default."""
+  kind = type(defaults[name])
   t = text.strip()
   try:
     if kind is bool:
@@ -78,35 +82,40 @@ def _parse_value(name: str, text: str, flag: str) -> Any:
     raise io.InputError(f"{flag} {name}: {t!r} is not a valid {kind.__name__}") from None
 
 
-def _parse_assignments(items: Sequence[str] | None, flag: str, many: bool) -> dict[str, Any]:
+def _parse_assignments(
+  items: Sequence[str] | None, flag: str, many: bool, method: str = "lusd"
+) -> dict[str, Any]:
   """["reg_scale=0,0.02"] -> {"reg_scale": [0.0, 0.02]} (many) or ["lr=0.5"] -> {"lr": 0.5}."""
+  config_cls = methods.get(method).config
+  defaults = _defaults(method)
   out: dict[str, Any] = {}
   for item in items or ():
     name, sep, rhs = item.partition("=")
     name = name.strip().replace("-", "_")
     if not sep or not name or not rhs.strip():
       raise io.InputError(f"{flag} takes FIELD={'V1,V2,...' if many else 'VALUE'}, got {item!r}")
-    if name not in _DEFAULTS:
-      raise io.InputError(f"{flag}: unknown LUSDConfig field {name!r}")
+    if name not in defaults:
+      raise io.InputError(f"{flag}: unknown {config_cls.__name__} field {name!r}")
     if name in out:
       raise io.InputError(f"{flag}: {name} is given twice")
     if many:
-      if name not in LUSDNumeric._fields:
-        sweeps.check_grid({name: [_DEFAULTS[name]]})  # raises the static / prompt-analysis message
-      out[name] = [_parse_value(name, v, flag) for v in rhs.split(",")]
+      sweeps.check_grid({name: [defaults[name]]}, config_cls)  # the static / prompt-analysis message
+      out[name] = [_parse_value(name, v, flag, defaults) for v in rhs.split(",")]
+    elif name == "sa_resolutions":  # "16,8": one value with commas
+      out[name] = rhs.strip()
     else:
-      out[name] = _parse_value(name, rhs, flag)
+      out[name] = _parse_value(name, rhs, flag, defaults)
   return out
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
   """`lusd-jax sweep`: every check before the weights load, the sweep, then `write_sweep`."""
-  grid = _parse_assignments(args.grid, "--grid", many=True)
-  fixed = _parse_assignments(args.set, "--set", many=False)
+  grid = _parse_assignments(args.grid, "--grid", many=True, method=args.method)
+  fixed = _parse_assignments(args.set, "--set", many=False, method=args.method)
   both = sorted(set(grid) & set(fixed))
   if both:
     raise io.InputError(f"--set {both[0]} is also a --grid axis")
-  axes = sweeps.check_grid(grid)
+  axes = sweeps.check_grid(grid, methods.get(args.method).config)
   seeds = args_lib.seeds_from_args(args)
   if args.num_steps is not None:
     fixed["num_steps"] = args.num_steps
@@ -118,7 +127,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run.model, run.image, run.source, run.target, grid, seeds=seeds, base_config=base,
     edit_words=run.edit_words, size=args.size, progress=not args.quiet,
     announce=lambda _note: None,  # check_then_load printed the notes
-    mesh=run.mesh,
+    mesh=run.mesh, mask=run.mask,
   )  # fmt: skip
   write_sweep(result, run.model, args.out, args.model)
   c, s = len(result.configs), len(result.seeds)
@@ -141,7 +150,7 @@ def cell_file_name(result: SweepResult, c: int, s: int) -> str:
 
 
 # Per-config entries of `pipeline.run_record`; the rest is shared by the sweep's cells.
-_CELL_KEYS = ("config", *batchdir.PER_SEED_KEYS)
+_CELL_KEYS = ("config", *batchdir.PER_SEED_KEYS, "per_step", "cross_attention_ratio_per_step")
 
 
 def sweep_record(result: SweepResult, model: SDModel, model_id: str | None = None) -> dict:

@@ -173,6 +173,7 @@ def _inputs(prep: PreparedUnifyEdit, inv: InversionRecord) -> UnifyInputs:
 def denoise(
   model: SDModel, inputs: UnifyInputs, configs: Sequence[UnifyEditConfig], *, mesh=None,
   progress: bool = False, chunk_size: int | None = None, ids=None, desc: str = "UnifyEdit",
+  batch_size: int | None = None,
 ) -> engine.RunOutput:  # fmt: skip
   """The denoising phase of one element per config (all sharing `inputs` and a static part)."""
   method = UnifyEdit(
@@ -187,7 +188,7 @@ def denoise(
   with step_progress(n, desc, enabled=progress) as on_chunk:
     return engine.run(
       method, model.params.unet, inputs_B, keys_B, numeric_B, mesh=mesh, chunk_size=chunk_size,
-      ids=ids or [f"config {c}" for c in range(len(configs))], on_chunk=on_chunk,
+      ids=ids or [f"config {c}" for c in range(len(configs))], on_chunk=on_chunk, batch_size=batch_size,
     )  # fmt: skip
 
 
@@ -207,6 +208,7 @@ def edit_configs(
   announce=None,
   chunk_size: int | None = None,
   mesh=None,
+  batch_size: int | None = None,
 ) -> list[EditResult]:
   """One UnifyEdit edit per config, sharing one inversion and one compiled denoising program.
 
@@ -250,7 +252,15 @@ def edit_configs(
     )
   timings["inversion_s"] = time.perf_counter() - t1
   t2 = time.perf_counter()
-  out = denoise(model, _inputs(prep, inv), configs, mesh=mesh, progress=progress, chunk_size=chunk_size)
+  out = denoise(
+    model,
+    _inputs(prep, inv),
+    configs,
+    mesh=mesh,
+    progress=progress,
+    chunk_size=chunk_size,
+    batch_size=batch_size,
+  )
   timings["denoise_s"] = time.perf_counter() - t2
   z_tgt_B, z_src_B = out.final
   t3 = time.perf_counter()
@@ -311,6 +321,7 @@ def edit(
   chunk_size: int | None = None,
   mesh=None,
   seeds=(0,),
+  batch_size: int | None = None,
 ) -> EditResult:
   """Edits `image` from `source_prompt` to `target_prompt` with UnifyEdit.
 
@@ -333,6 +344,7 @@ def edit(
     chunk_size: denoising steps per compiled call.
     mesh: a `sharding.data_mesh()` (several configs spread over its devices).
     seeds: accepted for symmetry with LUSD; UnifyEdit is deterministic (DDIM, eta 0): one seed.
+    batch_size: pad the denoising batch to this size (so that it shares a sweep's compiled program).
 
   Returns:
     `EditResult` with `images` [1, H, W, 3] (the edit), `reconstruction` (the source branch),
@@ -345,5 +357,5 @@ def edit(
   return edit_configs(
     model, image, source_prompt, target_prompt, [config], mask=mask, edit_words=edit_words,
     token_positions=token_positions, size=size, inversion_record=inversion_record, progress=progress,
-    announce=announce, chunk_size=chunk_size, mesh=mesh,
+    announce=announce, chunk_size=chunk_size, mesh=mesh, batch_size=batch_size,
   )[0]  # fmt: skip

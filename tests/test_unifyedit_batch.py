@@ -1,0 +1,91 @@
+"""UnifyEdit's batches: a sweep's cells equal single edits, and 4 emulated devices equal one.
+
+Every run here is `--model tiny-random` at 64 px (an 8x8 latent: L_CAA reads the 2x2 cross-attention
+level), T = 3, DDIM inversion: the denoising program compiles once per batch size and mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lusd_jax
+from lusd_jax import sweeps
+from lusd_jax.unifyedit import UnifyEditConfig
+from lusd_jax.unifyedit import pipeline as ue
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 64
+BASE = dict(num_steps=3, tau1=1, tau2=1, inversion="ddim")
+GRID = {"beta1": [2.0, 5.0], "k2": [0.1, 0.4]}
+
+
+def photo_and_mask():
+  rng = np.random.default_rng(0)
+  image = rng.random((SIZE, SIZE, 3)).astype(np.float32)
+  mask = np.zeros((SIZE, SIZE), bool)
+  mask[16:48, 8:40] = True
+  return image, mask
+
+
+def test_a_sweep_of_four_configs_equals_four_single_edits():
+  model = lusd_jax.load_model("tiny-random")
+  image, mask = photo_and_mask()
+  base = UnifyEditConfig(**BASE)
+  res = sweeps.sweep(model, image, "a cat", "a dog", GRID, base_config=base, mask=mask, size=SIZE)
+  assert res.images.shape == (4, 1, SIZE, SIZE, 3) and len(res.labels) == 4
+  for c, config in enumerate(res.configs):
+    # Padded to the sweep's batch of 4: the same compiled program, run for one config.
+    single = ue.edit(model, image, "a cat", "a dog", config, mask=mask, size=SIZE, batch_size=4)
+    np.testing.assert_allclose(res.latents[c], single.latents, rtol=0, atol=1e-5, err_msg=res.labels[c])
+    cell = res.cell(c)
+    np.testing.assert_allclose(cell.step_stats["lambda1"], single.step_stats["lambda1"], atol=1e-6)
+  # The cells differ (the check above can fail).
+  assert np.abs(res.latents[0] - res.latents[3]).max() > 1e-3
+
+
+SCRIPT = f"""
+import json, sys
+import numpy as np
+sys.path.insert(0, {REPO!r})
+import jax, lusd_jax
+from lusd_jax import sharding
+from lusd_jax.unifyedit import UnifyEditConfig
+from lusd_jax.unifyedit import pipeline as ue
+from tests.test_unifyedit_batch import BASE, photo_and_mask, SIZE
+
+model = lusd_jax.load_model("tiny-random")
+image, mask = photo_and_mask()
+configs = [UnifyEditConfig(**BASE, beta1=b, k1=k) for b in (2.0, 5.0) for k in (0.1, 0.4)][:3]
+one = ue.edit_configs(model, image, "a cat", "a dog", configs, mask=mask, size=SIZE, batch_size=4)
+four = ue.edit_configs(model, image, "a cat", "a dog", configs, mask=mask, size=SIZE, mesh=sharding.data_mesh())
+print(json.dumps({{
+  "devices": jax.device_count(),
+  "diff": max(float(np.abs(a.latents - b.latents).max()) for a, b in zip(one, four)),
+  "spread": float(np.abs(one[0].latents - one[2].latents).max()),
+  "count": len(four),
+}}))
+"""
+
+
+def test_four_emulated_devices_equal_one():
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert r["devices"] == 4 and r["count"] == 3  # 3 configs padded to the 4 devices, padding dropped
+  assert r["diff"] < 1e-5 and r["spread"] > 1e-3, r
