@@ -70,6 +70,7 @@ print(json.dumps({{
   "devices": jax.device_count(),
   "diff": max(float(np.abs(a.latents - b.latents).max()) for a, b in zip(one, four)),
   "spread": float(np.abs(one[0].latents - one[2].latents).max()),
+  "scale": max(float(np.abs(a.latents).max()) for a in one),
   "count": len(four),
 }}))
 """
@@ -88,4 +89,6 @@ def test_four_emulated_devices_equal_one():
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   assert r["devices"] == 4 and r["count"] == 3  # 3 configs padded to the 4 devices, padding dropped
-  assert r["diff"] < 1e-5 and r["spread"] > 1e-3, r
+  # A different program (shard_map over blocks of one): float32 rounding differs, and the guided
+  # steps amplify it as in the reference parity test (same relative tolerance, tests/test_unifyedit.py).
+  assert r["diff"] <= 2e-4 * r["scale"] and r["spread"] > 1e-3, r
