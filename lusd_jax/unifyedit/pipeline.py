@@ -275,6 +275,7 @@ def edit_configs(
   results = []
   for b, config in enumerate(configs):
     stats = {name: np.asarray(getattr(out.stats, name))[b : b + 1] for name in out.stats._fields}
+    stats["ratios"] = stats["ratios"][:, :, : len(prep.word_groups)]  # drop the padding words' rows
     results.append(
       EditResult(
         images=images[b : b + 1],
