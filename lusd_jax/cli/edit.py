@@ -201,11 +201,7 @@ def _batch_unifyedit(args, rows, out_dir) -> int:
       continue
     save_unifyedit(result, model, args.model, out_dir, _unifyedit_row_names(row.row), f"{row.row:03d}: ")
     done += 1
-  failures.sort()
-  print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {len(rows)} rows)")
-  if failures:
-    print(batchdir.summarize_failures(failures))
-  return 1 if failures else 0
+  return _batch_summary(done, skipped, failures, len(rows))
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -327,8 +323,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
       images = {s: result.images[i] for i, s in enumerate(result.seeds)}
       _save_batch_row(out_dir, r, seeds, result.input_image, images, {**kept[j], **new})
       done += 1
+  return _batch_summary(done, skipped, failures, len(rows))
+
+
+def _batch_summary(done: int, skipped: int, failures: list[tuple[int, str]], rows: int) -> int:
+  """Prints a batch's last lines (counts, then the failures by row); returns the exit status."""
   failures.sort()
-  print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {len(rows)} rows)")
+  print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {rows} rows)")
   if failures:
     print(batchdir.summarize_failures(failures))
   return 1 if failures else 0
