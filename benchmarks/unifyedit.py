@@ -205,11 +205,9 @@ def _paper_table(rows: dict, env: dict, inner_steps: int) -> list[str]:
   den_s = FULL_STEPS * rows["unifyedit"]["step_s"] if ok("unifyedit") else None
   peaks = [m["peak_mib"] for m in rows.values() if "peak_mib" in m]
   peak_gb = max(peaks) * 2**20 / 1e9 if peaks else None
-  inv_how = (
-    "measured"
-    if ok("ddim") and ok("nti") and min(_how(rows[p]) == "measured" for p in ("ddim", "nti"))
-    else "extrapolated"
-  )
+  inv_how = ""
+  if inv_s is not None:
+    inv_how = "measured" if all(_how(rows[p]) == "measured" for p in ("ddim", "nti")) else "extrapolated"
   den_how = _how(rows["unifyedit"]) if ok("unifyedit") else ""
   here = (
     f"{env['device']}, {size} px, {env['dtype']}, random weights, JAX"
@@ -221,21 +219,25 @@ def _paper_table(rows: dict, env: dict, inner_steps: int) -> list[str]:
   sep = "|---|---|---|" + ("---|" if like else "")
   ratio = lambda a, b: f" {a / b:.2f}x |" if like and a is not None else (" — |" if like else "")  # noqa: E731
   mem_here = "device peak bytes in use, max over phases" if on_gpu else "host peak RSS, max over phases"
+  if like:
+    caveat = "; still another GPU and framework, and NTI without early stopping)."
+  else:
+    differs = ["other hardware"] + (["a quarter of the pixels"] if size == 256 else [])
+    differs += [] if on_gpu else ["host RAM vs GPU memory"]
+    caveat = f"; **not a like-for-like comparison**: {', '.join(differs)})."
   lines = [
-    f"Against the paper's figures ({here} vs an A100 at 512 px"
-    + (
-      ")."
-      if like
-      else "; **not a like-for-like comparison**: other hardware, a quarter of the pixels, host RAM vs GPU memory)."
-    ),
+    f"Against the paper's figures ({here} vs an A100 at 512 px{caveat}",
     "",
     head,
     sep,
-    f"| inversion (DDIM + NTI, {FULL_STEPS} x <= {inner_steps} inner) | {_fmt(inv_s, ' s')} ({inv_how}; NTI "
-    f"inner steps forced, an upper bound) | {PAPER['inversion_s']} s (with early stopping) |"
+    f"| inversion (DDIM + NTI, {FULL_STEPS} x <= {inner_steps} inner) | "
+    + (
+      f"{_fmt(inv_s, ' s')} ({inv_how}; NTI inner steps forced, an upper bound)" if inv_s is not None else "—"
+    )
+    + f" | {PAPER['inversion_s']} s (with early stopping) |"
     + ratio(inv_s, PAPER["inversion_s"]),
-    f"| denoising ({FULL_STEPS} steps) | {_fmt(den_s, ' s')} ({den_how}) | {PAPER['denoise_s']} s |"
-    + ratio(den_s, PAPER["denoise_s"]),
+    f"| denoising ({FULL_STEPS} steps) | {_fmt(den_s, ' s')}{f' ({den_how})' if den_how else ''} "
+    f"| {PAPER['denoise_s']} s |" + ratio(den_s, PAPER["denoise_s"]),
     f"| peak memory | {_fmt(peak_gb, ' GB')} ({mem_here}, params included) | {PAPER['memory_gb']} GB (GPU) |"
     + ratio(peak_gb, PAPER["memory_gb"]),
   ]
