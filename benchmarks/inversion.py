@@ -212,9 +212,13 @@ def _worker_main(spec: dict) -> None:
   print("RESULT " + json.dumps(out), flush=True)
 
 
-def _spawn(spec: dict, timeout: float) -> dict:
-  """Runs one measurement in a fresh interpreter (this script); its dict, or {"error": ...}."""
-  cmd = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)]
+def _spawn(spec: dict, timeout: float, script: str | None = None) -> dict:
+  """Runs one measurement in a fresh interpreter of `script` (default this one) with `--_worker spec`.
+
+  Returns:
+    The worker's RESULT dict plus `process_s`, or {"error": ...}.
+  """
+  cmd = [sys.executable, os.path.abspath(script or __file__), "--_worker", json.dumps(spec)]
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -239,10 +243,11 @@ def _full_run(phase: str, m: dict, inner_steps: int) -> str:
   return f"{total} ({what}, {how})"
 
 
-def render(env: dict, rows: dict, inner_steps: int) -> str:
+def header_lines(env: dict) -> list[str]:
+  """The platform heading and the run's bullet list (date, hardware, load, versions, command)."""
   on_gpu = env["platform"] == "gpu"
   v = env["versions"]
-  lines = [
+  return [
     f"### {'GPU' if on_gpu else 'CPU'}: {env['device']}",
     "",
     f"- Date: {env['started']} (run took {env['minutes']:.1f} min)",
@@ -253,6 +258,11 @@ def render(env: dict, rows: dict, inner_steps: int) -> str:
     f"- Versions: Python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, "
     f"optax {v['optax']}",
     f"- Command: `{env['command']}`",
+  ]
+
+
+def render(env: dict, rows: dict, inner_steps: int) -> str:
+  lines = header_lines(env) + [
     "",
     f"{'SD1.5' if env['unet'] == 'sd15' else 'The tiny'} U-Net architecture, random weights, "
     f"{env['size']} px ({env['size'] // 8}x{env['size'] // 8} latent), {env['dtype']}, one image. Each row "
@@ -287,7 +297,6 @@ def render(env: dict, rows: dict, inner_steps: int) -> str:
   return "\n".join(lines)
 
 
-_BEGIN, _END = "<!-- lusd-inversion:{}:begin -->", "<!-- lusd-inversion:{}:end -->"
 INTRO = (
   "## Inversion\n\nWritten by `benchmarks/inversion.py` (see `benchmarks/README.md`); each platform's "
   "part is replaced by a run on that platform."
@@ -301,16 +310,58 @@ NOT_MEASURED = {
 }
 
 
-def write_section(path: str, which: str, section: str) -> None:
-  """Replaces this platform's part of the "## Inversion" section of `path` (creating what is missing)."""
+def write_section(
+  path: str,
+  which: str,
+  section: str,
+  *,
+  tag: str = "inversion",
+  intro: str = INTRO,
+  not_measured=NOT_MEASURED,
+) -> None:
+  """Replaces platform `which`'s part of the section `intro` of `path` (creating what is missing).
+
+  Args:
+    path: the results file (benchmarks/RESULTS.md).
+    which: "cpu" or "gpu".
+    section: the new text of that part.
+    tag: names the part's markers (`<!-- lusd-{tag}:{which}:begin -->`).
+    intro: the section's heading and first paragraph (appended with both parts when missing).
+    not_measured: {"cpu": text, "gpu": text} for a part no run has written yet.
+  """
+  begin = "<!-- lusd-" + tag + ":{}:begin -->"
+  end = "<!-- lusd-" + tag + ":{}:end -->"
   text = open(path).read() if os.path.exists(path) else "# LUSD-JAX benchmark results\n"
-  if INTRO not in text:
-    parts = "\n\n".join(f"{_BEGIN.format(p)}\n{NOT_MEASURED[p]}\n{_END.format(p)}" for p in ("cpu", "gpu"))
-    text = text.rstrip("\n") + f"\n\n{INTRO}\n\n{parts}\n"
-  pattern = re.compile(re.escape(_BEGIN.format(which)) + r".*?" + re.escape(_END.format(which)), re.S)
-  text = pattern.sub(lambda _: f"{_BEGIN.format(which)}\n{section}\n{_END.format(which)}", text)
+  if intro not in text:
+    parts = "\n\n".join(f"{begin.format(p)}\n{not_measured[p]}\n{end.format(p)}" for p in ("cpu", "gpu"))
+    text = text.rstrip("\n") + f"\n\n{intro}\n\n{parts}\n"
+  pattern = re.compile(re.escape(begin.format(which)) + r".*?" + re.escape(end.format(which)), re.S)
+  text = pattern.sub(lambda _: f"{begin.format(which)}\n{section}\n{end.format(which)}", text)
   with open(path, "w") as f:
     f.write(text)
+
+
+def environment(
+  info: dict, started, load_start: str, size: int, dtype: str, unet: str, script: str, argv
+) -> dict:
+  """What `header_lines` reports of a run that started at `started` and ends now."""
+  finished = datetime.datetime.now(datetime.timezone.utc)
+  return dict(
+    platform=info["platform"],
+    device=info["device"],
+    cpu=_cpu_model(),
+    cores=os.cpu_count(),
+    memory=_memory_gib(),
+    load_start=load_start,
+    load_end=_load(),
+    started=started.strftime("%Y-%m-%d %H:%M UTC"),
+    minutes=(finished - started).total_seconds() / 60,
+    versions=_versions(),
+    size=size,
+    dtype=dtype,
+    unet=unet,
+    command=" ".join([f"python {script}", *(sys.argv[1:] if argv is None else argv)]),
+  )
 
 
 def main(argv=None) -> None:
@@ -375,23 +426,7 @@ def main(argv=None) -> None:
       f"peak RSS/memory {_fmt(m['peak_mib'], ' MiB')}; finite {m['finite']}",
       flush=True,
     )
-  finished = datetime.datetime.now(datetime.timezone.utc)
-  env = dict(
-    platform=info["platform"],
-    device=info["device"],
-    cpu=_cpu_model(),
-    cores=os.cpu_count(),
-    memory=_memory_gib(),
-    load_start=load_start,
-    load_end=_load(),
-    started=started.strftime("%Y-%m-%d %H:%M UTC"),
-    minutes=(finished - started).total_seconds() / 60,
-    versions=_versions(),
-    size=size,
-    dtype=dtype,
-    unet=args.unet,
-    command=" ".join(["python benchmarks/inversion.py", *(sys.argv[1:] if argv is None else argv)]),
-  )
+  env = environment(info, started, load_start, size, dtype, args.unet, "benchmarks/inversion.py", argv)
   section = render(env, rows, args.inner_steps)
   print("\n" + section)
   if args.out:
