@@ -10,7 +10,12 @@ os.environ.setdefault(
   os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "xla"),
 )
 
+from lusd_jax.compilation_cache import enable_compilation_cache  # noqa: E402
 from tests import builders  # noqa: E402
+
+# The same cache for every test, not only the commands' (xdist workers and notebook kernels share it):
+# tests that run the same program (model config, shapes, static settings) compile it once.
+enable_compilation_cache()
 
 
 @pytest.fixture(scope="module")

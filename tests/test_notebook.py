@@ -45,7 +45,10 @@ def test_quickstart_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
 def test_unifyedit_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
   monkeypatch.setenv("LUSD_JAX_MODEL", "tiny-random")
   monkeypatch.setenv("LUSD_JAX_STEPS", "2")
-  monkeypatch.setenv("LUSD_JAX_UNIFY_STEPS", "2")
+  # T = 3 at 128 px with DDIM inversion: the denoising programs of the UnifyEdit CLI and batch tests
+  # (one config, and four), which the persistent compilation cache then holds.
+  monkeypatch.setenv("LUSD_JAX_UNIFY_STEPS", "3")
+  monkeypatch.setenv("LUSD_JAX_UNIFY_INVERSION", "ddim")
   monkeypatch.setenv("LUSD_JAX_SIZE", "128")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   outputs = _run_notebook("unifyedit.ipynb", monkeypatch, tmp_path)

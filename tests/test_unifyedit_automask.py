@@ -162,11 +162,11 @@ def test_check_unifyedit_accepts_auto(model):
 def test_edit_configs_with_auto_mask(model):
   rng = np.random.default_rng(0)
   image = rng.uniform(size=(S, S, 3)).astype(np.float32)
-  config = UnifyEditConfig(num_steps=2, inversion="ddim")
+  config = UnifyEditConfig(num_steps=3, inversion="ddim")  # the program of the other end-to-end tests
   src, tgt = "a photo of a cat", "a photo of a dog"
   prep = pipeline.prepare_unifyedit(model, image, src, tgt, config, size=S)
   inv = pipeline.invert_prepared(model, prep, config)
-  k, t = automask.trajectory_level(model.configs.schedule, 2)
+  k, t = automask.trajectory_level(model.configs.schedule, config.num_steps)
   want = automask.auto_mask(model, inv.trajectory[k], t, prep.ctx[1], prep.edit_tokens.token_mask(L), S)
   notes = []
   (result,) = pipeline.edit_configs(

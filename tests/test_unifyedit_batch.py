@@ -1,6 +1,6 @@
 """UnifyEdit's batches: a sweep's cells equal single edits, and 4 emulated devices equal one.
 
-Every run here is `--model tiny-random` at 64 px (an 8x8 latent: L_CAA reads the 2x2 cross-attention
+Every run here is `--model tiny-random` at 128 px (a 16x16 latent: L_CAA reads the 4x4 cross-attention
 level), T = 3, DDIM inversion: the denoising program compiles once per batch size and mesh.
 """
 
@@ -22,7 +22,7 @@ from lusd_jax.unifyedit import pipeline as ue
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 64
+SIZE = 128  # T = 3 at 128 px: the programs of the CLI tests and the notebook (persistent cache)
 BASE = dict(num_steps=3, tau1=1, tau2=1, inversion="ddim")
 GRID = {"beta1": [2.0, 5.0], "k2": [0.1, 0.4]}
 
@@ -31,7 +31,7 @@ def photo_and_mask():
   rng = np.random.default_rng(0)
   image = rng.random((SIZE, SIZE, 3)).astype(np.float32)
   mask = np.zeros((SIZE, SIZE), bool)
-  mask[16:48, 8:40] = True
+  mask[32:96, 16:80] = True
   return image, mask
 
 
@@ -57,6 +57,8 @@ import numpy as np
 sys.path.insert(0, {REPO!r})
 import jax, lusd_jax
 from lusd_jax import sharding
+from lusd_jax.compilation_cache import enable_compilation_cache
+enable_compilation_cache()
 from lusd_jax.unifyedit import UnifyEditConfig
 from lusd_jax.unifyedit import pipeline as ue
 from tests.test_unifyedit_batch import BASE, photo_and_mask, SIZE

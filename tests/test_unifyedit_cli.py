@@ -1,4 +1,8 @@
-"""`lusd-jax edit --method unifyedit`: masks and flags checked before the weights load; an edit's files."""
+"""`lusd-jax edit --method unifyedit`: masks and flags checked before the weights load; an edit's files.
+
+The end-to-end runs use T = 3 at 128 px with DDIM inversion and the color preset's layers, like the
+other UnifyEdit end-to-end tests, so that they share compiled programs (persistent cache).
+"""
 
 import json
 
@@ -75,12 +79,12 @@ def test_bad_inputs_stop_before_loading(files, extra, method, words, capsys, mon
 @pytest.mark.slow
 def test_edit_writes_grid_scheduler_plot_and_record(files, capsys):
   steps = ["--num-steps", "3", "--tau1", "1", "--tau2", "2", "--inversion", "ddim"]
-  assert cli.main(argv(files, "--mask", str(files / "mask.png"), "--edit-type", "object", *steps)) == 0
+  assert cli.main(argv(files, "--mask", str(files / "mask.png"), "--edit-type", "color", *steps)) == 0
   out = files / "out"
   for name in ("edit.png", "reconstruction.png", "grid.png", "scheduler.png", "run.json"):
     assert (out / name).stat().st_size > 0, name
   record = json.loads((out / "run.json").read_text())
-  assert record["method"] == "unifyedit" and record["config"]["sa_resolutions"] == [16, 8]
+  assert record["method"] == "unifyedit" and record["config"]["k1"] == 0.05  # the color preset
   per_step = record["per_step"]
   assert len(per_step["lambda1"]) == 3
   # Windows: L_SAP acts for t >= 2 (steps t = 3, 2), L_CAA for t >= 1 (every step).
@@ -99,9 +103,9 @@ def test_batch_reads_mask_path_and_edit_type_and_resumes(files, capsys):
     (images / name).write_bytes((files / name).read_bytes())
   (files / "in" / "index.csv").write_text(
     "img_path,source_prompt,target_prompt,mask_path,edit_type\n"
-    "photo.png,a cat,a dog,mask.png,object\n"
-    "photo.png,a cat,a painting of a cat,,object\n"  # a global edit: no mask
-    "photo.png,a cat,a dog,empty.png,object\n"  # fails before the model loads
+    "photo.png,a cat,a dog,mask.png,color\n"
+    "photo.png,a cat,a painting of a cat,,color\n"  # a global edit: no mask
+    "photo.png,a cat,a dog,empty.png,color\n"  # fails before the model loads
     "photo.png,a cat,a dog,mask.png,sculpture\n"  # not an edit type
   )
   out = files / "bout"
@@ -125,7 +129,7 @@ def test_batch_reads_mask_path_and_edit_type_and_resumes(files, capsys):
       assert (out / name).stat().st_size > 0, name
   rec0, rec1 = (json.loads((out / f"{r:03d}_run.json").read_text()) for r in (0, 1))
   assert rec0["mask"]["fraction"] > 0 and rec1["mask"] is None
-  assert rec0["config"]["k1"] == 0.15  # the object preset
+  assert rec0["config"]["k1"] == 0.05 and rec0["config"]["tau1"] == 1  # the color preset, --tau1 over it
   # A rerun skips the finished rows (and fails the bad ones again, before loading anything).
   assert cli.main(cmd) == 1
   assert "batch: 0 edited, 2 already done, 2 failed" in capsys.readouterr().out
