@@ -159,6 +159,7 @@ def test_check_unifyedit_accepts_auto(model):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("unifyedit-programs")  # one worker: each compiled program is reused from the cache
 def test_edit_configs_with_auto_mask(model):
   rng = np.random.default_rng(0)
   image = rng.uniform(size=(S, S, 3)).astype(np.float32)

@@ -35,6 +35,7 @@ def photo_and_mask():
   return image, mask
 
 
+@pytest.mark.xdist_group("unifyedit-programs")  # one worker: each compiled program is reused from the cache
 def test_a_sweep_of_four_configs_equals_four_single_edits():
   model = lusd_jax.load_model("tiny-random")
   image, mask = photo_and_mask()
@@ -78,6 +79,7 @@ print(json.dumps({{
 """
 
 
+@pytest.mark.xdist_group("unifyedit-programs")  # one worker: each compiled program is reused from the cache
 def test_four_emulated_devices_equal_one():
   env = {
     **os.environ,

@@ -77,6 +77,7 @@ def test_bad_inputs_stop_before_loading(files, extra, method, words, capsys, mon
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("unifyedit-programs")  # one worker: each compiled program is reused from the cache
 def test_edit_writes_grid_scheduler_plot_and_record(files, capsys):
   steps = ["--num-steps", "3", "--tau1", "1", "--tau2", "2", "--inversion", "ddim"]
   assert cli.main(argv(files, "--mask", str(files / "mask.png"), "--edit-type", "color", *steps)) == 0
@@ -96,6 +97,7 @@ def test_edit_writes_grid_scheduler_plot_and_record(files, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("unifyedit-programs")  # one worker: each compiled program is reused from the cache
 def test_batch_reads_mask_path_and_edit_type_and_resumes(files, capsys):
   images = files / "in" / "images"
   images.mkdir(parents=True)
@@ -133,3 +135,27 @@ def test_batch_reads_mask_path_and_edit_type_and_resumes(files, capsys):
   # A rerun skips the finished rows (and fails the bad ones again, before loading anything).
   assert cli.main(cmd) == 1
   assert "batch: 0 edited, 2 already done, 2 failed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("unifyedit-programs")  # one worker: each compiled program is reused from the cache
+def test_sweep_writes_cells_scheduler_plots_and_record(files, capsys):
+  out = files / "sweep"
+  cmd = [
+    "sweep", str(files / "photo.png"), "--source", "a cat", "--target", "a dog", "--method", "unifyedit",
+    "--mask", str(files / "mask.png"), "--grid", "beta1=2,5", "--grid", "k2=0.1,0.4", "--num-steps", "3",
+    "--set", "tau1=1", "--set", "tau2=1", "--set", "inversion=ddim", "--model", "tiny-random",
+    "--size", "128", "--out", str(out), "--quiet",
+  ]  # fmt: skip
+  assert cli.main(cmd) == 0
+  assert (out / "sweep_grid.png").stat().st_size > 0
+  for label in ("beta1=2_k2=0.1", "beta1=2_k2=0.4", "beta1=5_k2=0.1", "beta1=5_k2=0.4"):
+    assert (out / f"{label}_seed0.png").stat().st_size > 0
+    assert (out / f"{label}_scheduler.png").stat().st_size > 0
+  record = json.loads((out / "sweep.json").read_text())
+  assert record["grid"] == {"beta1": [2.0, 5.0], "k2": [0.1, 0.4]}
+  lambda2 = [cell["per_step"]["lambda2"] for cell in record["cells"]]
+  # lambda2 = beta2 exp(-k2 (T - t)): the first step is beta2 = 5 in every cell, later steps follow k2.
+  assert all(row[0] == pytest.approx(5.0) for row in lambda2)
+  assert lambda2[0][1] == pytest.approx(5 * np.exp(-0.1), rel=1e-5)
+  assert lambda2[1][1] == pytest.approx(5 * np.exp(-0.4), rel=1e-5)

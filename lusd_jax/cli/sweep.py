@@ -13,6 +13,7 @@ import numpy as np
 
 from lusd_jax import batchdir, io, methods, pipeline, sweeps
 from lusd_jax.cli import args as args_lib
+from lusd_jax.cli.edit import unifyedit_scheduler_plot
 from lusd_jax.loading import SDModel
 from lusd_jax.sweeps import SweepResult
 
@@ -190,6 +191,13 @@ def write_sweep(result: SweepResult, model: SDModel, out_dir: str, model_id: str
     for s in range(len(result.seeds)):
       path = os.path.join(out_dir, cell_file_name(result, c, s))
       paths.append(io.save_png(path, result.images[c, s], result.configs[c].output_rounding))
+    if result.results is not None:  # UnifyEdit: each cell's scheduler plot, as `edit` writes it
+      plot = unifyedit_scheduler_plot(result.results[c], result.labels[c])
+      paths.append(
+        io.save_png(
+          os.path.join(out_dir, cell_file_name(result, c, 0)[: -len("_seed0.png")] + "_scheduler.png"), plot
+        )
+      )
   paths.append(
     io.write_json_atomic(os.path.join(out_dir, "sweep.json"), sweep_record(result, model, model_id))
   )
