@@ -1,6 +1,6 @@
 """Loading Stable Diffusion: diffusers folders, hub ids, converted checkpoints, the tiny random model.
 
-(Over 450 lines on purpose: every way a checkpoint arrives (three layouts, the hub, CLIP for the
+(Over 450 lines on purpose: every way a checkpoint arrives (three layouts, the hub, CLIP and DINO for the
 evaluation, the weight-free model head) shares one error type and one set of file readers.)
 
 `load_model` returns an `SDModel`: static configs (hashable: they select compiled programs) beside
@@ -24,6 +24,7 @@ from lusd_jax import schedule as schedule_lib
 from lusd_jax import tokenizer as tokenizer_lib
 from lusd_jax.models import clip as clip_lib
 from lusd_jax.models import clip_text, unet, vae
+from lusd_jax.models import dino as dino_lib
 from lusd_jax.weights import WeightsError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -572,3 +573,61 @@ def load_clip(path_or_repo_id: str = DEFAULT_CLIP, *, revision: str | None = Non
       "--clip tiny-random to try the evaluator."
     ) from None
   return load_clip_folder(local, name=path_or_repo_id)
+
+
+# ----------------------------------------------------------------------------- DINO (evaluation)
+
+DinoLoadError = dino_lib.DinoLoadError
+
+
+def load_dino(
+  name_or_path: str = dino_lib.DEFAULT_DINO, dtype: str = "float32", *, revision: str | None = None
+) -> dino_lib.Dino:
+  """Loads DINO ViT for the structure distance (`lusd_jax.models.dino.structure_distance`).
+
+  Args:
+    name_or_path: a local transformers `ViTModel` folder (`config.json` + `model.safetensors` or
+      `pytorch_model.bin`), a Hugging Face repo id (default facebook/dino-vitb8; downloaded when a
+      network is there), or "tiny-random".
+    dtype: "float32" (default), "bfloat16" or "float16".
+    revision: hub revision, for repo ids.
+
+  Raises:
+    DinoLoadError: naming the missing folder / file / key.
+  """
+  if name_or_path == dino_lib.TINY_RANDOM:
+    return dino_lib.tiny_random_dino()
+  path = os.path.expanduser(os.fspath(name_or_path))
+  name = name_or_path
+  if not os.path.isdir(path):
+    if os.path.exists(path) or not _looks_like_repo_id(name_or_path):
+      raise DinoLoadError(
+        f"DINO model {name_or_path!r}: not a transformers ViTModel folder, and not a Hugging Face repo id (owner/name)."
+      )
+    try:
+      from huggingface_hub import snapshot_download
+
+      path = snapshot_download(
+        name_or_path, revision=revision, allow_patterns=["config.json", "model.safetensors"]
+      )
+      if not os.path.isfile(os.path.join(path, "model.safetensors")):  # older repos: PyTorch pickles only
+        path = snapshot_download(
+          name_or_path, revision=revision, allow_patterns=["config.json", "pytorch_model.bin"]
+        )
+    except Exception as e:  # noqa: BLE001 - network, auth, unknown repo: one clear line
+      first = str(e).splitlines()[0] if str(e) else ""
+      raise DinoLoadError(
+        f"DINO model {name_or_path!r}: not a local folder, and downloading it from the Hugging Face hub failed "
+        f"({type(e).__name__}: {first}). Pass a local ViTModel folder, or tiny-random."
+      ) from None
+  config_path = os.path.join(path, "config.json")
+  try:
+    raw = _read_json(config_path)
+    if raw.get("model_type", "vit") != "vit":  # before reading the weights
+      raise DinoLoadError(f"{config_path}: model_type {raw.get('model_type')!r} is not a ViTModel ('vit').")
+    state_dict, source = read_state_dict(path, "model")
+  except ModelLoadError as e:
+    raise DinoLoadError(str(e)) from None
+  return dino_lib.dino_from_state_dict(
+    raw, state_dict, name, dtype=dtype, config_source=config_path, source=source
+  )
