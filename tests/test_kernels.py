@@ -162,3 +162,18 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(platform, marker, causal):
     )
     # fwd, map, map delta, then dq and dk/dv for the rows without and with the map
     assert lowered.as_text().count(marker) == 7
+
+
+def test_map_equals_the_unet_capture():
+  # The kernel is meant to replace the U-Net's captured-layer maps: same scores, same head mean.
+  from lusd_jax.models import attention, unet
+
+  q, k, v = _qkv(3, 24, 77, 4, 8, seed=6)
+  out, probs = jax.jit(functools.partial(attention_with_map, map_rows=(1, 3), block_q=8, block_k=16))(q, k, v)
+  np.testing.assert_allclose(np.asarray(probs), np.asarray(unet._head_mean_probs(q, k, (1, 3))), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(probs), np.asarray(unet._layer_probs(q, k, (1, 3), "mean")), atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(out), np.asarray(attention.attention_with_probs(q, k, v)[0]), atol=2e-6
+  )
