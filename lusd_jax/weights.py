@@ -176,12 +176,26 @@ def convert_state_dict(
   ignore: Callable[[str], bool] | None = None,
   dtype=np.float32,
   source: str = "checkpoint",
+  raw: Mapping[str, tuple[str, ...]] | None = None,
 ):
-  """PyTorch state dict (numpy arrays) -> nested Flax params, checked against `param_shapes`."""
-  shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
-  rows = conversion_table(shapes, flax_shapes_of(param_shapes), renames=renames, ignore=ignore, source=source)
+  """PyTorch state dict (numpy arrays) -> nested Flax params, checked against `param_shapes`.
+
+  `raw` maps keys copied as they are (no rename, no transpose; e.g. a ViT's class embedding) to
+  their Flax paths; a missing raw key or a shape that differs is a `WeightsError` naming it.
+  """
+  target = flax_shapes_of(param_shapes)
   flat = {}
-  for row in rows:
+  for key, path in (raw or {}).items():
+    if key not in state_dict:
+      raise WeightsError(f"{source}: missing key '{key}'.")
+    if tuple(np.shape(state_dict[key])) != target[path]:
+      raise WeightsError(
+        f"{source}: key '{key}' has shape {tuple(np.shape(state_dict[key]))}; the config expects {target[path]}."
+      )
+    flat[path] = np.asarray(state_dict[key], dtype=dtype)
+  rest = {k: tuple(np.shape(v)) for k, v in state_dict.items() if k not in (raw or {})}
+  rest_target = {p: s for p, s in target.items() if p not in flat}
+  for row in conversion_table(rest, rest_target, renames=renames, ignore=ignore, source=source):
     x = np.asarray(state_dict[row.torch_key])
     flat[row.flax_path] = np.ascontiguousarray(apply_transform(x, row.transform), dtype=dtype)
   return traverse_util.unflatten_dict(flat)

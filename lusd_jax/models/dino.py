@@ -47,7 +47,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from lusd_jax import weights
 from lusd_jax.compiler import jit
@@ -332,26 +331,15 @@ def params_from_torch(
     weights.WeightsError: naming the key when a key does not fit `config`, a shape differs, or a
       parameter is missing (every key fills exactly one parameter; pooler weights are skipped).
   """
-  flat_shapes = weights.flax_shapes_of(param_shapes(config))
-  raw = {}
-  for key, path in _RAW_PARAMS.items():
-    if key not in state_dict:
-      raise weights.WeightsError(f"{source}: missing key '{key}'.")
-    if tuple(np.shape(state_dict[key])) != flat_shapes[path]:
-      raise weights.WeightsError(
-        f"{source}: key '{key}' has shape {tuple(np.shape(state_dict[key]))}; the config expects {flat_shapes[path]}."
-      )
-    raw[path] = np.asarray(state_dict[key], dtype=dtype)
-  rest = {k: v for k, v in state_dict.items() if k not in _RAW_PARAMS}
-  rest_shapes = traverse_util.unflatten_dict(
-    {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in flat_shapes.items() if p not in raw}
+  return weights.convert_state_dict(
+    state_dict,
+    param_shapes(config),
+    renames=_rename,
+    ignore=_is_unused,
+    dtype=dtype,
+    source=source,
+    raw=_RAW_PARAMS,
   )
-  params = weights.convert_state_dict(
-    rest, rest_shapes, renames=_rename, ignore=_is_unused, dtype=dtype, source=source
-  )
-  flat = traverse_util.flatten_dict(params)
-  flat.update(raw)
-  return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------- structure distance
