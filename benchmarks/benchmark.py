@@ -280,6 +280,7 @@ def _torch_forward(cfg: BenchConfig, dtype_name: str):
     torch_processors=sorted({type(p).__name__ for p in model.attn_processors.values()}),
     torch_threads=torch.get_num_threads(),
     torch_device=torch.cuda.get_device_name() if cuda else "cpu",
+    torch_omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
   )
   return run, info
 
@@ -546,6 +547,13 @@ class _Worker:
   def __init__(self, spec: dict):
     self.t0 = time.perf_counter()
     self.stderr = tempfile.TemporaryFile(mode="w+")
+    env = None
+    if spec["kind"].startswith("torch"):
+      # libgomp threads spin-wait between parallel regions by default; on a shared machine any other
+      # process then preempts them and every region waits a time slice (2 cores, load 4-5 from other
+      # jobs: diffusers' sd15-256 forward 10.7 s by default, 5.0 s passive). Passive waiting gives
+      # PyTorch its best time on such a machine; an OMP_WAIT_POLICY set by the caller is kept.
+      env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     self.proc = subprocess.Popen(
       _worker_cmd(dict(spec, serve=True)),
       stdin=subprocess.PIPE,
@@ -553,6 +561,7 @@ class _Worker:
       stderr=self.stderr,
       text=True,
       cwd=REPO,
+      env=env,
     )
     self.lines: queue.Queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()
@@ -746,7 +755,8 @@ def _merge_torch(m: dict, t: dict) -> None:
   if "error" in t:
     m["torch_error"] = t["error"]
     return
-  for k in ("torch_forward_s", "torch_forward_times", "torch_processors", "torch_threads", "torch_device"):
+  keys = ("torch_forward_s", "torch_forward_times", "torch_processors", "torch_threads", "torch_device")
+  for k in (*keys, "torch_omp_wait_policy"):
     m[k] = t.get(k)
   m["torch_setup_s"], m["torch_imported"], m["torch_pid"] = (
     t.get("torch_setup_s"),
@@ -837,7 +847,7 @@ def run_benchmark(args) -> None:
       command=prev.get("command", []) + [command],
       partial=None
       if finished[0] == todo
-      else f"{finished[0]} of {todo} (config, dtype) pairs of the last command (the last row may be incomplete)",
+      else f"{finished[0]} of {todo} (config, dtype) pairs of the last command (the last row may be partial)",
     )
 
   def write(final: bool) -> str:
@@ -974,6 +984,18 @@ def _cell(text: str, limit: int = 120) -> str:
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _policy_lines(results: list[dict]) -> list[str]:
+  """The PyTorch worker's OpenMP wait policy, and why it is passive by default."""
+  policies = sorted({r["forward"].get("torch_omp_wait_policy") for r in results} - {None})
+  if not policies:
+    return []
+  why = (
+    " (passive by default: on a shared CPU, spinning libgomp threads lose their core to other jobs and "
+    "every parallel region waits for them; diffusers' forward ran about 2x slower spinning)"
+  )
+  return [f"- PyTorch worker: OMP_WAIT_POLICY={', '.join(policies)}" + (why if "PASSIVE" in policies else "")]
+
+
 def render_section(env: dict, results: list[dict], on_gpu: bool, layers: dict | None = None) -> str:
   v = env["versions"]
   commands = env["command"] if isinstance(env["command"], list) else [env["command"]]
@@ -1000,6 +1022,7 @@ def render_section(env: dict, results: list[dict], on_gpu: bool, layers: dict | 
     "PyTorch number from a PyTorch-only worker (jax never imported). The two set up one after the other, "
     "then alternate timed rounds (torch, jax, torch, jax, ...), the other waiting idle, so each is timed "
     f"alone on the machine; each time is the median over the rounds ({'/'.join(map(str, rounds)) or '—'}).",
+    *_policy_lines(results),
     "",
     *render_layers(layers or {}),
     "U-Net forward, batch 2 (one LUSD U-Net call), random weights, no attention capture. JAX forward, "
