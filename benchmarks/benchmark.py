@@ -10,8 +10,8 @@ PyTorch never runs in a JAX process. The reference (diffusers `UNet2DConditionMo
 beside the JAX worker (which never imports torch). Both set up one after the other, then time in
 alternating rounds (torch, jax, torch, jax, ...): while one times, the other waits idle on its stdin,
 so neither framework's thread pool competes with the other's (in one process on the 2-core machine,
-PyTorch's SD1.5 forward at 512 took 27.8 s; diffusers alone there takes 11-14 s, per issue 18). Every time reported is the median over
-the rounds. The PyTorch worker waits passively between OpenMP regions (OMP_WAIT_POLICY=PASSIVE
+PyTorch's SD1.5 forward at 512 took 27.8 s; diffusers alone there takes 11-14 s, per issue 18).
+Every time reported is the median over the rounds. The PyTorch worker waits passively between OpenMP regions (OMP_WAIT_POLICY=PASSIVE
 unless set: spinning threads lose their core to other jobs on a shared machine). The per-layer
 attention table is measured the same way (a JAX worker, a PyTorch worker).
 
