@@ -11,9 +11,10 @@ beside the JAX worker (which never imports torch). Both set up one after the oth
 alternating rounds (torch, jax, torch, jax, ...): while one times, the other waits idle on its stdin,
 so neither framework's thread pool competes with the other's (in one process on the 2-core machine,
 PyTorch's SD1.5 forward at 512 took 27.8 s; diffusers alone there takes 11-14 s, per issue 18).
-Every time reported is the median over the rounds. The PyTorch worker waits passively between OpenMP regions (OMP_WAIT_POLICY=PASSIVE
-unless set: spinning threads lose their core to other jobs on a shared machine). The per-layer
-attention table is measured the same way (a JAX worker, a PyTorch worker).
+Every time reported is the median over the rounds. The PyTorch worker waits passively between
+OpenMP regions (OMP_WAIT_POLICY=PASSIVE unless set: spinning threads lose their core to other jobs
+on a shared machine). The per-layer attention table is measured the same way (a JAX worker, a
+PyTorch worker).
 
 What is measured vs extrapolated: the LUSD loop (`core.run_steps`, the real compiled program:
 filtered resampling, attention maps, mask, update) runs `--steps` steps; a 300-step edit is
