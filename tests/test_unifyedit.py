@@ -287,16 +287,18 @@ def one_step(model, data):
   schedule = sch.Schedule()
   traj = np.asarray(inversion.ddim_invert(fn, params, schedule, data["z0"], data["ctx_src"], num_steps=T))
   method = UnifyEdit(fn, schedule, UnifyEditConfig(num_steps=T).static())
-  return method, params, traj
+  # Steps 1-6 of step k (one program for both tests below): z* after Eq. 16 and the first update's
+  # (L_SAP, L_CAA, g_SAP, g_CAA, R, G).
+  optimize = jax.jit(lambda inputs, numeric, state, k: method.optimize(params, inputs, numeric, state, k)[:2])
+  return optimize, traj
 
 
 def test_update_leaves_the_latent_outside_the_mask_untouched(one_step, data):
-  method, params, traj = one_step
+  optimize, traj = one_step
   inputs = inputs_for(data, traj, mask=True)
   config = UnifyEditConfig(**BASE, blend=False)
   state = UnifyState(jnp.asarray(traj[-1]), jnp.asarray(traj[-1]) + 0.1)
-  optimize = jax.jit(lambda inputs, state: method.optimize(params, inputs, config.numeric(), state, 0)[0])
-  z = np.asarray(optimize(inputs, state))
+  z = np.asarray(optimize(inputs, config.numeric(), state, 0)[0])
   m = np.asarray(losses.nearest_mask(jnp.asarray(data["mask"]), H, H)) > 0
   before = np.asarray(state.z_tgt)
   np.testing.assert_array_equal(z[~m], before[~m])
@@ -304,23 +306,19 @@ def test_update_leaves_the_latent_outside_the_mask_untouched(one_step, data):
 
 
 def test_gradients_equal_torch_autograd(model, one_step, data):
-  method, params, traj = one_step
+  optimize, traj = one_step
   torch_model = model[0]
   rng = np.random.default_rng(5)
   z_src = traj[-3]
   z_tgt = (traj[-3] + 0.2 * rng.standard_normal(traj[-3].shape)).astype(np.float32)
   k = 2
   t = int(sch.ddim_timesteps(sch.Schedule(), T)[k])
-
-  @jax.jit
-  def grads(inputs, numeric, z_src, z_tgt):
-    src = method.source_maps(params, inputs, UnifyState(z_src, z_tgt), k)
-    return method.gradients(params, inputs, numeric, src, z_tgt, t)
-
   for mask, region in ((True, True), (True, False), (False, False)):
     numeric = UnifyEditConfig(**BASE, region_sap=region).numeric()
     inputs = inputs_for(data, traj, mask)
-    l_sap, l_caa, g_sap, g_caa, _ = grads(inputs, numeric, jnp.asarray(z_src), jnp.asarray(z_tgt))
+    # The source maps come from the state's z_src (maps_from="denoising"), the gradients at its z*.
+    state = UnifyState(jnp.asarray(z_src), jnp.asarray(z_tgt))
+    l_sap, l_caa, g_sap, g_caa, _, _ = optimize(inputs, numeric, state, k)[1]
     f64 = lambda x: np.asarray(x, np.float64)
     want = ref.reference_losses(
       torch_model, f64(z_src), f64(z_tgt), t, f64(data["ctx_src"]), f64(data["ctx_tgt"]), WORDS,
