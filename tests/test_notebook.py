@@ -42,7 +42,6 @@ def test_quickstart_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
   assert "rejections per seed" in text and "edit words: party, hat" in text
 
 
-@pytest.mark.xdist_group("unifyedit-programs")  # first of the group: it compiles what the others reuse
 def test_unifyedit_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
   monkeypatch.setenv("LUSD_JAX_MODEL", "tiny-random")
   monkeypatch.setenv("LUSD_JAX_STEPS", "2")
