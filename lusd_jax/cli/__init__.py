@@ -29,6 +29,7 @@ from lusd_jax.cli.args import (
   _Parser as _Parser,  # the tests build sub-parsers with it
 )
 from lusd_jax.cli.convert import add_convert_arguments, cmd_convert
+from lusd_jax.cli.datasets import add_convert_magicbrush_arguments, cmd_convert_magicbrush
 from lusd_jax.cli.edit import _save_result as _save_result  # the tests write a result with it
 from lusd_jax.cli.edit import add_batch_arguments, add_edit_arguments, cmd_batch, cmd_edit
 from lusd_jax.cli.evaluate import add_eval_arguments, cmd_eval
@@ -61,6 +62,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
   "convert": cmd_convert,
   "eval": cmd_eval,
   "invert": cmd_invert,
+  "convert-magicbrush": cmd_convert_magicbrush,
 }
 
 
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
   )
   add_eval_arguments(sub.add_parser("eval", help="score result folders (CLIP-T, CLIP-AUC, L1*, CLIP-I*)"))
   add_invert_arguments(sub.add_parser("invert", help="invert a photo (null-text) and reconstruct it"))
+  add_convert_magicbrush_arguments(
+    sub.add_parser("convert-magicbrush", help="convert MagicBrush's test split into a dataset folder")
+  )
   return p
 
 
