@@ -28,6 +28,10 @@ def files(tmp_path):
   edge = np.zeros((H, W), np.uint8)
   edge[:, :15] = 255  # only in the margin that the center crop cuts away
   Image.fromarray(edge).save(tmp_path / "edge.png")
+  # An inversion record of 3 steps (`lusd-jax invert --steps 3` layout; the shapes do not matter here).
+  np.savez(
+    tmp_path / "inv3.npz", trajectory=np.zeros((4, 1, 16, 16, 4)), null_embeddings=np.zeros((3, 77, 32))
+  )
   return tmp_path
 
 
@@ -58,6 +62,12 @@ def argv(files, *extra, method="unifyedit"):
     (["--edit-words", "unicorn"], "unifyedit", ["--edit-words", "unicorn"]),
     (["--save-step", "2"], "unifyedit", ["--save-step"]),
     (["--reuse-inversion", "{f}/nope.npz"], "unifyedit", ["--reuse-inversion", "nope.npz"]),
+    (["--reuse-inversion", "{f}/photo.png"], "unifyedit", ["--reuse-inversion", "cannot read"]),
+    (
+      ["--reuse-inversion", "{f}/inv3.npz", "--num-steps", "5"],
+      "unifyedit",
+      ["--reuse-inversion", "3 inversion steps", "--num-steps 5"],
+    ),
   ],
 )
 def test_bad_inputs_stop_before_loading(files, extra, method, words, capsys, monkeypatch):
@@ -74,6 +84,21 @@ def test_bad_inputs_stop_before_loading(files, extra, method, words, capsys, mon
   for word in words:
     assert word in lines[0], lines[0]
   assert "Traceback" not in err
+
+
+def test_sweep_over_guidance_under_null_text_inversion_stops_before_loading(files, capsys, monkeypatch):
+  monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+  common = [
+    "sweep", str(files / "photo.png"), "--source", "a cat", "--target", "a dog", "--method", "unifyedit",
+    "--model", "tiny-random", "--size", "128", "--out", str(files / "sweep"), "--quiet",
+    "--grid", "guidance=5,7.5",
+  ]  # fmt: skip
+  assert cli.main([*common, "--set", "inversion=nti"]) == 2
+  err = capsys.readouterr().err
+  assert [line for line in err.splitlines() if line.startswith("error:")] == [
+    "error: --grid guidance: null-text inversion is optimized for one guidance; sweep it with "
+    "--inversion ddim, or run one sweep per guidance"
+  ]
 
 
 @pytest.mark.slow

@@ -378,10 +378,27 @@ def check_before_load(args, configs, seeds, source, target, edit_words, out_flag
     head.tokenizer, head.schedule, source, target, configs[0], edit_words, mask=getattr(args, "mask", None),
     image_size=image_size, size=args.size, names=flag_name, announce=print,
   )  # fmt: skip
+  _check_unifyedit_configs(configs)
   reuse = getattr(args, "reuse_inversion", None)
-  if reuse is not None and not os.path.isfile(reuse):
-    raise io.InputError(f"--reuse-inversion: no such file: {reuse}")
+  if reuse is not None:
+    if not os.path.isfile(reuse):
+      raise io.InputError(f"--reuse-inversion: no such file: {reuse}")
+    # Readable, and made with this --num-steps; the latent and embedding shapes (which need the
+    # model's configs) are checked again once the model is loaded.
+    unifyedit_pipeline.load_inversion(reuse, configs[0].num_steps, None, None, "--reuse-inversion")
   return mesh, mask
+
+
+def _check_unifyedit_configs(configs) -> None:
+  """One guidance for every config under null-text inversion (its null embeddings are optimized for
+  one guidance; `unifyedit.pipeline.edit_configs` refuses it too, but only after the model loads).
+  The other shared fields (inversion, steps) are static and cannot be gridded."""
+  first = configs[0]
+  if first.inversion == "nti" and any(c.guidance != first.guidance for c in configs[1:]):
+    raise io.InputError(
+      "--grid guidance: null-text inversion is optimized for one guidance; sweep it with "
+      "--inversion ddim, or run one sweep per guidance"
+    )
 
 
 class CheckedRun(NamedTuple):

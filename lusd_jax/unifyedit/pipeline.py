@@ -136,13 +136,24 @@ def invert_prepared(
 def load_inversion(
   path, num_steps: int, latent_shape, embedding_shape, flag: str = "--inversion"
 ) -> InversionRecord:
-  """A saved `lusd-jax invert` record (`inversion.npz`), checked against the edit's shapes."""
+  """A saved `lusd-jax invert` record (`inversion.npz`), checked against the edit's shapes.
+
+  With `latent_shape` / `embedding_shape` None (the command line's check before the model loads),
+  only the number of steps is checked.
+  """
   try:
     with np.load(path) as f:
       traj, nulls = f["trajectory"], f["null_embeddings"]
       inner = f["inner_steps"] if "inner_steps" in f else None
   except (OSError, KeyError, ValueError) as e:
     raise io.InputError(f"{flag}: cannot read an inversion record from {path}: {e}") from None
+  if latent_shape is None or embedding_shape is None:  # before the model loads: the step count only
+    if traj.shape[:1] != (num_steps + 1,) or nulls.shape[:1] != (num_steps,):
+      raise io.InputError(
+        f"{flag}: {path} holds {traj.shape[0] - 1} inversion steps (`invert --steps`); this edit runs "
+        f"--num-steps {num_steps}"
+      )
+    return InversionRecord(traj.astype(np.float32), nulls.astype(np.float32), inner)
   want_traj = (num_steps + 1, *latent_shape)
   want_nulls = (num_steps, *embedding_shape)
   if traj.shape != want_traj or nulls.shape != want_nulls:
