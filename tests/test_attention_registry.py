@@ -204,7 +204,7 @@ def test_tiny_unet_pallas_capture_equals_reference_capture(monkeypatch):
   """LUSD's averaged capture (8x8 self, 2x2 cross, row 1 of 2) with every layer through the Pallas
   kernel: eps and maps equal the default path's (test_unet's program)."""
   cfg = unet.UNetConfig.from_dict(builders.TINY_SD1_UNET)
-  params = jax.tree.map(jnp.asarray, unet.init_params(cfg, 3))
+  params = unet.init_params(cfg, 3)
   x, ctx = inputs(cfg, 2, 16, 16, seed=5)
   t = np.array([10, 700])
   spec = unet.CaptureSpec(self_res=8, cross_res=2, batch=(1, 2))
@@ -223,7 +223,7 @@ def test_sd15_architecture_pallas_capture_equals_reference_capture(monkeypatch):
   the Pallas kernel (interpreted, 512 x 512 tiles): eps and maps equal the default path's (the
   program of test_unet's SD1.5 test)."""
   cfg = unet.UNetConfig.from_dict(builders.SD15_UNET)
-  params = jax.tree.map(jnp.asarray, unet.init_params(cfg, 0))
+  params = unet.init_params(cfg, 0)
   x, ctx = inputs(cfg, 1, 32, 32, seed=7)
   spec = unet.CaptureSpec(self_res=16, cross_res=8)
   want_out, want_maps = jitted(cfg, spec)(params, x, 981, ctx)
