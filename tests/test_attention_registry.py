@@ -10,8 +10,6 @@ tests/test_unet.py and tests/test_unet_maps.py compile, so the persistent cache 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,7 +134,7 @@ def test_auto_takes_the_first_compiled_differentiable_map_kernel(monkeypatch):
   fake = attention.AttentionImpl(
     "forward-only",
     attention.REGISTRY["reference"].fn,
-    with_map=functools.partial(kernels.reference_attention_with_map),
+    with_map=kernels.reference_attention_with_map,
     differentiable=False,
   )
   monkeypatch.setitem(attention.REGISTRY, fake.name, fake)
@@ -200,6 +198,7 @@ def _assert_close(out, maps, want_out, want_maps):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=MAPS_ATOL, rtol=0)
 
 
+@pytest.mark.slow  # ~10 s: the U-Net with interpreted kernels compiles (the reference is test_unet's)
 def test_tiny_unet_pallas_capture_equals_reference_capture(monkeypatch):
   """LUSD's averaged capture (8x8 self, 2x2 cross, row 1 of 2) with every layer through the Pallas
   kernel: eps and maps equal the default path's (test_unet's program)."""

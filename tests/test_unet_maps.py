@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from lusd_jax.models import unet
+from lusd_jax.models import attention, unet
 from tests import builders
 from tests.test_unet import MAPS_ATOL, assert_parity, inputs, make
 
@@ -341,7 +341,8 @@ def test_tiny_grad_through_layer_maps_matches_torch_autograd(sd1, heads):
   assert err <= GRAD_RTOL * np.abs(ref_g).max(), (err, np.abs(ref_g).max())
 
 
-def test_tiny_pallas_layer_maps_and_grad_equal_the_default_path(sd1):
+@pytest.mark.slow
+def test_tiny_pallas_layer_maps_and_grad_equal_the_default_path(sd1, monkeypatch):
   """UnifyEdit's per-layer head-mean maps through the Pallas kernel (`attention_impl="pallas"`,
   interpreted on CPU: output and map in one call per captured layer, its custom backward): the maps,
   the map loss and its gradient w.r.t. the latent equal the default path's (the maps beside the fast
@@ -354,9 +355,19 @@ def test_tiny_pallas_layer_maps_and_grad_equal_the_default_path(sd1):
   (want_value, want_maps), want_g = jax_value_and_grad(cfg, params, GRAD_SPEC, ctx, t, w_self, w_cross)(
     jnp.asarray(x)
   )
+  map_rows, kernel = [], attention.kernels.attention_with_map
+
+  def record(q, k, v, **kw):  # traced once per layer
+    map_rows.append(kw.get("map_rows"))
+    return kernel(q, k, v, **kw)
+
+  monkeypatch.setattr(attention.kernels, "attention_with_map", record)
   (value, maps), g = jax_value_and_grad(
     cfg, params, GRAD_SPEC, ctx, t, w_self, w_cross, attention_impl="pallas"
   )(jnp.asarray(x))
+  # Every captured layer's map came from the kernel (rows [1, 2)); the other layers ran it without.
+  assert map_rows.count((1, 2)) == len(layers.self_layers) + len(layers.cross_layers) == 9
+  assert set(map_rows) == {None, (1, 2)}
   pairs = zip(
     maps.self_layers + maps.cross_layers, want_maps.self_layers + want_maps.cross_layers, strict=True
   )
