@@ -62,6 +62,8 @@ def test_auto_picks_per_platform_dtype_and_maps(monkeypatch):
     for backend, dtype, t, s, h, maps, _ in AUTO_CASES
   ]
   assert got == [case[-1] for case in AUTO_CASES]
+  # Another backend (Apple's METAL): the implementations that declare no platform list.
+  assert attention.select(_layer(64, 64, 40, backend="METAL", maps="mean")).name == "xla"
   # Hopper: cuDNN takes head dim 160; per-layer capture (grad) changes nothing, all are differentiable.
   monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 256)
   assert attention.select(_layer(64, 64, 160, "bfloat16", "gpu", grad=True)).name == "cudnn"

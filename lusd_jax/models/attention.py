@@ -315,9 +315,9 @@ class AttentionImpl:
   Attributes:
     name: the name `impl=` / `attention_impl=` selects it by.
     fn: `fn(q_BTNH, k_BSNH, v_BSNH, *, causal) -> out_BTNH`.
-    platforms: where it runs at all.
+    platforms: where it runs at all; None: on every backend.
     compiled: where it runs compiled; "auto" picks it only there (Pallas interprets on CPU: correct,
-      but far slower than the other paths).
+      but far slower than the other paths); None: wherever it runs.
     dtypes: q, k and v dtype names it takes; None: any floating dtype.
     platform_dtypes: narrower dtype lists on some platforms, as (platform, dtypes) pairs.
     with_map: `with_map(q, k, v, *, causal, map_rows) -> (out_BTNH, map_BTS)`: the output and the
@@ -330,8 +330,8 @@ class AttentionImpl:
 
   name: str
   fn: Callable[..., jax.Array]
-  platforms: tuple[str, ...] = PLATFORMS
-  compiled: tuple[str, ...] = PLATFORMS
+  platforms: tuple[str, ...] | None = None
+  compiled: tuple[str, ...] | None = None
   dtypes: tuple[str, ...] | None = None
   platform_dtypes: tuple[tuple[str, tuple[str, ...]], ...] = ()
   with_map: Callable[..., tuple[jax.Array, jax.Array]] | None = None
@@ -350,7 +350,7 @@ class AttentionImpl:
     Maps are not a reason: an implementation without them computes the output, and the caller the
     maps beside it (`attend`).
     """
-    if layer.platform not in self.platforms:
+    if self.platforms is not None and layer.platform not in self.platforms:
       return f"it runs on {'/'.join(self.platforms)}, not {layer.platform}"
     dtypes = dict(self.platform_dtypes).get(layer.platform, self.dtypes)
     if dtypes is not None and not {layer.dtype, layer.kv_dtype} <= set(dtypes):
@@ -435,7 +435,7 @@ def select(layer: AttentionLayer, impl: str = "auto") -> AttentionImpl:
         f"{tuple(REGISTRY)}"
       )
     return chosen
-  usable = lambda c: layer.platform in c.compiled and c.supports(layer)
+  usable = lambda c: (c.compiled is None or layer.platform in c.compiled) and c.supports(layer)
   if layer.maps == "mean":
     for candidate in REGISTRY.values():
       if candidate.maps and usable(candidate):
@@ -592,6 +592,7 @@ register(
   AttentionImpl(
     "pallas",
     _pallas,
+    platforms=PLATFORMS,
     compiled=("gpu", "tpu"),
     dtypes=("float32", "bfloat16", "float16"),
     platform_dtypes=(("tpu", ("float32", "bfloat16")),),  # Mosaic TPU has no float16 matmuls
