@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from lusd_jax.models import unet
+from lusd_jax.models import attention, unet
 from tests import builders
 from tests.test_unet import MAPS_ATOL, assert_parity, inputs, make
 
@@ -339,6 +339,46 @@ def test_tiny_grad_through_layer_maps_matches_torch_autograd(sd1, heads):
   assert np.abs(ref_g[1]).max() > 0 and not np.asarray(g[0]).any()  # row 0's maps are not captured
   err = np.abs(g - ref_g).max()
   assert err <= GRAD_RTOL * np.abs(ref_g).max(), (err, np.abs(ref_g).max())
+
+
+@pytest.mark.slow
+def test_tiny_pallas_layer_maps_and_grad_equal_the_default_path(sd1, monkeypatch):
+  """UnifyEdit's per-layer head-mean maps through the Pallas kernel (`attention_impl="pallas"`,
+  interpreted on CPU: output and map in one call per captured layer, its custom backward): the maps,
+  the map loss and its gradient w.r.t. the latent equal the default path's (the maps beside the fast
+  output; the program of the torch-autograd test above, served by the compilation cache)."""
+  _, cfg, params = sd1
+  layers = unet.map_layers(cfg, (16, 16), GRAD_SPEC)
+  x, ctx = inputs(cfg, 2, 16, 16, seed=12)
+  t = np.array([999, 400])
+  w_self, w_cross = loss_weights(layers, 13)
+  (want_value, want_maps), want_g = jax_value_and_grad(cfg, params, GRAD_SPEC, ctx, t, w_self, w_cross)(
+    jnp.asarray(x)
+  )
+  map_rows, kernel = [], attention.kernels.attention_with_map
+
+  def record(q, k, v, **kw):  # traced once per layer
+    map_rows.append(kw.get("map_rows"))
+    return kernel(q, k, v, **kw)
+
+  monkeypatch.setattr(attention.kernels, "attention_with_map", record)
+  (value, maps), g = jax_value_and_grad(
+    cfg, params, GRAD_SPEC, ctx, t, w_self, w_cross, attention_impl="pallas"
+  )(jnp.asarray(x))
+  # Every captured layer's map came from the kernel (rows [1, 2)); the other layers ran it without.
+  assert map_rows.count((1, 2)) == len(layers.self_layers) + len(layers.cross_layers) == 9
+  assert set(map_rows) == {None, (1, 2)}
+  pairs = zip(
+    maps.self_layers + maps.cross_layers, want_maps.self_layers + want_maps.cross_layers, strict=True
+  )
+  for got, want in pairs:
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=MAPS_ATOL, rtol=0)
+  np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+  g, want_g = np.asarray(g), np.asarray(want_g)
+  assert np.abs(want_g[1]).max() > 0 and not g[0].any()  # row 0's maps are not captured
+  err = np.abs(g - want_g).max()
+  assert err <= 1e-4 * np.abs(want_g).max(), (err, np.abs(want_g).max())
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 
 Both methods read head-averaged softmax maps from some layers (LUSD: self-attention at latent/2 and
 cross-attention at latent/4; UnifyEdit: self-attention of every layer, with gradients through the
-maps). `lusd_jax.models.unet` materializes each head's [B', T, S] probabilities to average them; the
-kernels here never hold more than one [block_q, block_k] tile of scores:
+maps). Without a kernel, `lusd_jax.models.unet` materializes each head's [B', T, S] probabilities to
+average them; the kernels here never hold more than one [block_q, block_k] tile of scores. The
+attention registry (`lusd_jax.models.attention`, "pallas") runs them for the U-Net's captured
+layers, output and map in one call (forced, or "auto" on GPU / TPU):
 
   pass 1  `_forward_kernel`: flash attention per (batch, head, query block), an online softmax over
           key blocks; writes the output and each row's log-sum-exp (lse).

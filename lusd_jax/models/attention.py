@@ -1,34 +1,51 @@
-"""Multi-head attention shared by the U-Net, the VAE and the CLIP text encoder.
+"""Multi-head attention shared by the U-Net, the VAE and the CLIP text encoder, and its registry.
 
-Two entry points with one meaning: `dot_product_attention` runs whichever implementation is asked
-for (or the fastest one for the backend, "auto") for layers whose maps nobody reads;
-`attention_with_probs` computes the softmax probabilities explicitly and returns them, for the
-layers whose maps are captured, and is the float32 ground truth of every implementation. All take
-and return `[B, T, N, H]` tensors (batch, query tokens, heads, head dim).
+Entry points with one meaning: `dot_product_attention` runs whichever implementation is asked for
+(or "auto") for layers whose maps nobody reads; `attend` does the same for a layer that may want
+the maps of some batch rows, and returns the head-mean map when the implementation computes it in
+the same call; `attention_with_probs` computes the softmax probabilities explicitly and returns
+them, and is the float32 ground truth of every implementation. All take and return `[B, T, N, H]`
+tensors (batch, query tokens, heads, head dim).
 
-Implementations of `dot_product_attention` (a registry by name, as maxdiffusion chooses kernels):
+Implementations register by name in `REGISTRY` (as maxdiffusion's attention dispatch chooses
+kernels), each an `AttentionImpl` that declares what it supports: platforms (and where it runs
+compiled), q / k / v dtypes, head-dim limits, gradients, and whether it returns head-mean maps:
 
   "xla"        `jax.nn.dot_product_attention`: XLA's softmax attention; materializes the
-               [B, N, T, S] scores (1 GiB float32 for SD1.5's 64x64 layers at batch 2).
-  "cudnn"      cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, fp16 /
-               bf16, head dim a multiple of 8, at most 128, or 256 from Hopper on).
+               [B, N, T, S] scores (1 GiB float32 for SD1.5's 64x64 layers at batch 2). Anything.
+  "cudnn"      cuDNN flash attention through `jax.nn.dot_product_attention`: GPU only, fp16 /
+               bf16, head dim a multiple of 8, at most 128 (256 from Hopper on).
   "chunked"    `chunked_attention`: blocks of queries of a group of heads in turn under
                `lax.map`, each streaming over key blocks with an online softmax in float32 (flash
                attention written in jnp); memory O(MAX_BLOCK_SCORES) instead of O(B x N x T x S).
-               The fast path on CPU.
-  "reference"  `attention_with_probs` without the probabilities (debugging).
-  "auto"       `resolve_impl`: cudnn on GPU where it applies, chunked on CPU for long sequences,
-               xla otherwise.
+               The fast path on CPU. Anything.
+  "pallas"     `lusd_jax.kernels.attention_with_map`: Pallas flash attention that also returns the
+               head-mean map of a batch slice, differentiable through both; compiled on GPU
+               (Triton) and TPU (Mosaic), interpreted on CPU (correct, slow); fp32 / bf16 / fp16
+               (no fp16 on TPU), head dim <= 256.
+  "reference"  `attention_with_probs` without the probabilities (debugging). Anything.
+  "auto"       `select`, per layer, from static shapes, dtype, platform and whether the layer wants
+               maps: a layer that wants head-mean maps takes the registered map kernel compiled on
+               its platform ("pallas" on GPU / TPU); every other layer (and every layer on CPU,
+               where Pallas only interprets) takes cudnn on GPU where it applies, chunked on CPU
+               and TPU for long sequences, xla otherwise.
+
+A named implementation that cannot compute a layer (e.g. "cudnn" on CPU, "pallas" in float64)
+raises a ValueError saying why; one that supports the layer but returns no maps (every one but
+"pallas", and "pallas" for per-head maps) computes the output and the caller computes the maps
+beside it (`attend` returns None for the map).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn", "reference", "chunked", "auto")
+from lusd_jax import kernels
 
 # Blocks of `chunked_attention`: up to 4096 query rows x 512 key columns of one head, and as many
 # heads per block as fit in 4096 x 512 scores (8 MiB float32). Measured on a 2-core AMD EPYC
@@ -47,8 +64,8 @@ MAX_BLOCK_SCORES = 4096 * 512
 # (SD1.5's self-attention from 16x16 latents and cross-attention from 32x32). Below it XLA's
 # attention is as fast.
 CHUNKED_MIN_SCORES = 256 * 256
-# cuDNN flash attention's head-dim limits (jax._src.cudnn.fused_attention_stablehlo).
-_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+# cuDNN flash attention's dtypes and head-dim limits (jax._src.cudnn.fused_attention_stablehlo).
+_CUDNN_DTYPES = ("float16", "bfloat16")
 
 
 def attention_with_probs(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, upcast: bool = True):
@@ -229,32 +246,229 @@ def _cudnn_max_head_dim() -> int:
   return 256 if major >= 9 else 128
 
 
-def cudnn_supported(q_BTNH, k_BSNH) -> bool:
-  """Whether cuDNN flash attention can take these inputs (dtype and head dim; GPU backend)."""
-  h = q_BTNH.shape[-1]
-  return (
-    jax.default_backend() == "gpu"
-    and q_BTNH.dtype in _CUDNN_DTYPES
-    and k_BSNH.dtype == q_BTNH.dtype
-    and h % 8 == 0
-    and h <= _cudnn_max_head_dim()
-  )
+# ---------------------------------------------------------------------------------------------------
+# The registry.
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+HEADS = ("mean", "all")
 
 
-def resolve_impl(q_BTNH, k_BSNH, impl: str = "auto") -> str:
-  """The concrete implementation "auto" stands for, for these shapes on the default backend.
+def platform(backend: str | None = None) -> str:
+  """`backend` (default `jax.default_backend()`) as a registry platform: "cuda" / "rocm" are "gpu"."""
+  backend = backend or jax.default_backend()
+  return "gpu" if backend in ("cuda", "rocm") else backend
 
-  GPU: "cudnn" when `cudnn_supported`, else "xla". CPU (and others): "chunked" when T * S >=
-  `CHUNKED_MIN_SCORES`, else "xla". Any other `impl` is returned unchanged. Decided at trace time
-  from static shapes and dtypes, so it never adds a branch to the compiled program.
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayer:
+  """The static facts of one attention call that implementations are chosen by.
+
+  Attributes:
+    t, s: query and key lengths.
+    head_dim: H.
+    dtype, kv_dtype: dtype names of q and of k / v.
+    platform: "cpu", "gpu" or "tpu" (`platform`).
+    maps: the head-mean map of some batch rows is wanted ("mean"), the per-head maps ("all"), or
+      none (None).
+    grad: the call may be differentiated (the U-Net: UnifyEdit's map losses backpropagate through
+      every layer below the captured ones).
+  """
+
+  t: int
+  s: int
+  head_dim: int
+  dtype: str
+  kv_dtype: str
+  platform: str
+  maps: str | None = None
+  grad: bool = False
+
+  def __post_init__(self):
+    if self.maps is not None and self.maps not in HEADS:
+      raise ValueError(f"AttentionLayer.maps={self.maps!r}; expected None or one of {HEADS}")
+
+  @classmethod
+  def of(cls, q_BTNH, k_BSNH, *, maps: str | None = None, grad: bool = False, backend: str | None = None):
+    """The layer of these inputs (arrays or `jax.ShapeDtypeStruct`s; only shapes and dtypes are read).
+
+    Example:
+      >>> q = jax.ShapeDtypeStruct((2, 4096, 8, 40), jnp.bfloat16)
+      >>> AttentionLayer.of(q, q, maps="mean", backend="cuda").platform
+      'gpu'
+    """
+    return cls(
+      t=q_BTNH.shape[1],
+      s=k_BSNH.shape[1],
+      head_dim=q_BTNH.shape[-1],
+      dtype=jnp.dtype(q_BTNH.dtype).name,
+      kv_dtype=jnp.dtype(k_BSNH.dtype).name,
+      platform=platform(backend),
+      maps=maps,
+      grad=grad,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+  """One registered implementation and what it declares to support.
+
+  Attributes:
+    name: the name `impl=` / `attention_impl=` selects it by.
+    fn: `fn(q_BTNH, k_BSNH, v_BSNH, *, causal) -> out_BTNH`.
+    platforms: where it runs at all; None: on every backend.
+    compiled: where it runs compiled; "auto" picks it only there (Pallas interprets on CPU: correct,
+      but far slower than the other paths); None: wherever it runs.
+    dtypes: q, k and v dtype names it takes; None: any floating dtype.
+    platform_dtypes: narrower dtype lists on some platforms, as (platform, dtypes) pairs.
+    with_map: `with_map(q, k, v, *, causal, map_rows) -> (out_BTNH, map_BTS)`: the output and the
+      head-mean map of batch rows `map_rows` in one call; None when it returns no maps.
+    differentiable: `jax.grad` works through it (and through its map).
+    head_dim_multiple: H must be a multiple of this.
+    max_head_dim: the largest H, or a function returning it (read per call: it may depend on the
+      device); None for no limit.
+  """
+
+  name: str
+  fn: Callable[..., jax.Array]
+  platforms: tuple[str, ...] | None = None
+  compiled: tuple[str, ...] | None = None
+  dtypes: tuple[str, ...] | None = None
+  platform_dtypes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+  with_map: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+  differentiable: bool = True
+  head_dim_multiple: int = 1
+  max_head_dim: int | Callable[[], int] | None = None
+
+  @property
+  def maps(self) -> bool:
+    """Whether it returns head-mean maps (`with_map`)."""
+    return self.with_map is not None
+
+  def unsupported(self, layer: AttentionLayer) -> str | None:
+    """Why this implementation cannot compute `layer`'s output, or None when it can.
+
+    Maps are not a reason: an implementation without them computes the output, and the caller the
+    maps beside it (`attend`).
+    """
+    if self.platforms is not None and layer.platform not in self.platforms:
+      return f"it runs on {'/'.join(self.platforms)}, not {layer.platform}"
+    dtypes = dict(self.platform_dtypes).get(layer.platform, self.dtypes)
+    if dtypes is not None and not {layer.dtype, layer.kv_dtype} <= set(dtypes):
+      return f"it takes {'/'.join(dtypes)} on {layer.platform}, not {layer.dtype}"
+    if layer.head_dim % self.head_dim_multiple:
+      return f"head dim {layer.head_dim} is not a multiple of {self.head_dim_multiple}"
+    limit = self.max_head_dim() if callable(self.max_head_dim) else self.max_head_dim
+    if limit is not None and layer.head_dim > limit:
+      return f"head dim {layer.head_dim} is over its limit of {limit}"
+    if layer.grad and not self.differentiable:
+      return "it is not differentiable"
+    return None
+
+  def supports(self, layer: AttentionLayer) -> bool:
+    """Whether it can compute `layer`'s output (`unsupported` gives the reason when not)."""
+    return self.unsupported(layer) is None
+
+  def serves_maps(self, layer: AttentionLayer) -> bool:
+    """Whether it returns `layer`'s maps itself: it has `with_map` and the layer wants head means."""
+    return self.maps and layer.maps == "mean"
+
+
+REGISTRY: dict[str, AttentionImpl] = {}
+
+
+def register(impl: AttentionImpl, *, replace: bool = False) -> AttentionImpl:
+  """Adds `impl` to `REGISTRY` under its name ("auto" is reserved); returns it.
+
+  "auto" considers a registered implementation only for map layers (the first one, in registration
+  order, that has `with_map`, is compiled on the platform and supports the layer); for layers
+  without maps it keeps its fixed order (`_auto_order`).
+  """
+  if impl.name == "auto":
+    raise ValueError('"auto" is not an implementation: it chooses among them')
+  if impl.name in REGISTRY and not replace:
+    raise ValueError(f"attention implementation {impl.name!r} is already registered")
+  REGISTRY[impl.name] = impl
+  return impl
+
+
+def _lookup(name: str) -> AttentionImpl:
+  if name not in REGISTRY:
+    raise ValueError(f"unknown attention implementation {name!r}; expected one of {(*REGISTRY, 'auto')}")
+  return REGISTRY[name]
+
+
+def _auto_order(layer: AttentionLayer) -> tuple[str, ...]:
+  """ "auto"'s preference for the output of a layer without a map kernel (today's choices).
+
+  GPU: cuDNN flash attention, else XLA. Elsewhere: "chunked" from `CHUNKED_MIN_SCORES` scores per
+  (batch, head) on (below it XLA's attention is as fast), else XLA.
+  """
+  if layer.platform == "gpu":
+    return ("cudnn", "xla", "reference")
+  if layer.t * layer.s >= CHUNKED_MIN_SCORES:
+    return ("chunked", "xla", "reference")
+  return ("xla", "reference")
+
+
+def select(layer: AttentionLayer, impl: str = "auto") -> AttentionImpl:
+  """The implementation that computes `layer`, by name or "auto" (static: decided at trace time).
+
+  "auto": for a layer that wants head-mean maps, the first registered implementation with a map
+  kernel that is compiled on the layer's platform and supports it ("pallas" on GPU and TPU); else,
+  and for every other layer, the first of `_auto_order` that is compiled there and supports it
+  (cuDNN on GPU where it applies, "chunked" on CPU and TPU for long sequences, XLA otherwise).
+
+  A name: that implementation, which must support the layer's platform, dtype, head dim and
+  gradients; it need not return maps (the caller computes them beside its output, `attend`).
+
+  Raises:
+    ValueError: for an unknown name, or a named implementation that cannot compute the layer (one
+      line with the reason: e.g. "cudnn" on CPU, "pallas" with float64).
   """
   if impl != "auto":
-    return impl
-  if jax.default_backend() == "gpu":
-    return "cudnn" if cudnn_supported(q_BTNH, k_BSNH) else "xla"
-  if q_BTNH.shape[1] * k_BSNH.shape[1] >= CHUNKED_MIN_SCORES:
-    return "chunked"
-  return "xla"
+    chosen = _lookup(impl)
+    reason = chosen.unsupported(layer)
+    if reason is not None:
+      raise ValueError(
+        f"attention implementation {impl!r} cannot compute this layer (T={layer.t}, S={layer.s}, "
+        f"H={layer.head_dim}, {layer.dtype}, {layer.platform}): {reason}; use 'auto' or another of "
+        f"{tuple(REGISTRY)}"
+      )
+    return chosen
+  usable = lambda c: (c.compiled is None or layer.platform in c.compiled) and c.supports(layer)
+  if layer.maps == "mean":
+    for candidate in REGISTRY.values():
+      if candidate.maps and usable(candidate):
+        return candidate
+  for name in _auto_order(layer):
+    if name in REGISTRY and usable(REGISTRY[name]):
+      return REGISTRY[name]
+  raise ValueError(f"no attention implementation supports {layer}")
+
+
+def cudnn_supported(q_BTNH, k_BSNH) -> bool:
+  """Whether cuDNN flash attention can take these inputs (dtype and head dim; GPU backend)."""
+  return REGISTRY["cudnn"].supports(AttentionLayer.of(q_BTNH, k_BSNH))
+
+
+def resolve_impl(q_BTNH, k_BSNH, impl: str = "auto", *, maps: str | None = None, grad: bool = False) -> str:
+  """The name of the implementation `impl` stands for, for these inputs on the default backend.
+
+  `select` on `AttentionLayer.of(q_BTNH, k_BSNH, maps=maps, grad=grad)`. Without maps, "auto" is:
+  GPU: "cudnn" when `cudnn_supported`, else "xla"; CPU and TPU: "chunked" when T * S >=
+  `CHUNKED_MIN_SCORES`, else "xla". Decided at trace time from static shapes and dtypes, so it never
+  adds a branch to the compiled program.
+  """
+  return select(AttentionLayer.of(q_BTNH, k_BSNH, maps=maps, grad=grad), impl).name
+
+
+def _run(chosen: AttentionImpl, auto: bool, q_BTNH, k_BSNH, v_BSNH, causal: bool):
+  if chosen.name == "cudnn" and auto:
+    try:
+      return chosen.fn(q_BTNH, k_BSNH, v_BSNH, causal=causal)
+    except (NotImplementedError, RuntimeError):  # cuDNN missing or too old for these shapes
+      chosen = REGISTRY["xla"]
+  return chosen.fn(q_BTNH, k_BSNH, v_BSNH, causal=causal)
 
 
 def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, impl: str = "auto"):
@@ -264,25 +478,131 @@ def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = False, impl:
     q_BTNH: [B, T, N, H] queries.
     k_BSNH, v_BSNH: [B, S, N, H] keys and values.
     causal: query i sees keys j <= i.
-    impl: "xla" (XLA's fused softmax attention), "cudnn" (flash attention on NVIDIA GPUs; needs
-      fp16/bf16 and a supported head dim), "chunked" (`chunked_attention`, memory-lean, fastest on
-      CPU for long sequences), "reference" (explicit softmax, for debugging) or "auto"
-      (`resolve_impl`: cudnn / chunked / xla by backend, dtype and shape).
+    impl: a `REGISTRY` name: "xla" (XLA's fused softmax attention), "cudnn" (flash attention on
+      NVIDIA GPUs; needs fp16/bf16 and a supported head dim), "chunked" (`chunked_attention`,
+      memory-lean, fastest on CPU for long sequences), "pallas" (the Pallas flash attention of
+      `lusd_jax.kernels`; interpreted on CPU), "reference" (explicit softmax, for debugging), or
+      "auto" (`select`: cudnn / chunked / xla by backend, dtype and shape).
 
   Returns:
     out_BTNH: [B, T, N, H].
+
+  Raises:
+    ValueError: for an unknown `impl`, or one that cannot run these inputs here (`select`).
   """
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
-  auto = impl == "auto"
-  impl = resolve_impl(q_BTNH, k_BSNH, impl)
-  if impl == "reference":
-    return attention_with_probs(q_BTNH, k_BSNH, v_BSNH, causal=causal)[0]
-  if impl == "chunked":
-    return chunked_attention(q_BTNH, k_BSNH, v_BSNH, causal=causal)
-  if impl == "cudnn" and auto:
-    try:
-      return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=causal, implementation="cudnn")
-    except (NotImplementedError, RuntimeError):  # cuDNN missing or too old for these shapes
-      impl = "xla"
-  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=causal, implementation=impl)
+  chosen = select(AttentionLayer.of(q_BTNH, k_BSNH), impl)
+  return _run(chosen, impl == "auto", q_BTNH, k_BSNH, v_BSNH, causal)
+
+
+def attend(
+  q_BTNH,
+  k_BSNH,
+  v_BSNH,
+  *,
+  map_rows: tuple[int, int] | None = None,
+  heads: str = "mean",
+  causal: bool = False,
+  impl: str = "auto",
+  grad: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+  """Attention of a layer that may want maps: the output, and the head-mean map when the chosen
+  implementation computes it in the same call.
+
+  The layer wants the maps of batch rows `map_rows` (None: no maps), averaged over heads
+  (`heads="mean"`) or per head ("all"). `select` picks the implementation; when it `serves_maps`
+  (a map kernel, and head means wanted) the map comes back with the output, float32 [B', T, S].
+  Otherwise the map is None and the caller computes it beside the output from q and k (per-head
+  maps always take that path: no kernel returns them).
+
+  Args:
+    q_BTNH: [B, T, N, H] queries.
+    k_BSNH, v_BSNH: [B, S, N, H] keys and values.
+    map_rows: (start, stop) batch rows whose maps are wanted, or None.
+    heads: "mean" or "all".
+    causal: query i sees keys j <= i.
+    impl: a `REGISTRY` name or "auto".
+    grad: the call may be differentiated (an implementation must then be `differentiable`).
+
+  Returns:
+    (out_BTNH, map_BTS or None).
+
+  Example:
+    >>> q = k = v = jnp.ones((2, 16, 2, 8))
+    >>> out, m = attend(q, k, v, map_rows=(1, 2), impl="pallas")
+    >>> m.shape
+    (1, 16, 16)
+  """
+  maps = None if map_rows is None else heads
+  layer = AttentionLayer.of(q_BTNH, k_BSNH, maps=maps, grad=grad)
+  chosen = select(layer, impl)
+  if chosen.serves_maps(layer):
+    return chosen.with_map(q_BTNH, k_BSNH, v_BSNH, causal=causal, map_rows=map_rows)
+  return _run(chosen, impl == "auto", q_BTNH, k_BSNH, v_BSNH, causal), None
+
+
+# Pallas tiles when the kernel is interpreted (CPU): each grid step and key block is a step of an XLA
+# loop there, so large tiles compile and run faster (memory is no concern); 512 x 512 halves the
+# compile time of a 1024-token layer against the kernel's 128 x 128 default. Compiled kernels (GPU,
+# TPU) keep `kernels.block_sizes`.
+PALLAS_INTERPRET_BLOCK = 512
+
+
+def _pallas_blocks() -> dict:
+  if platform() in ("gpu", "tpu"):
+    return {}
+  return {"block_q": PALLAS_INTERPRET_BLOCK, "block_k": PALLAS_INTERPRET_BLOCK}
+
+
+def _pallas(q_BTNH, k_BSNH, v_BSNH, *, causal: bool):
+  return kernels.attention_with_map(q_BTNH, k_BSNH, v_BSNH, causal=causal, **_pallas_blocks())[0]
+
+
+def _pallas_with_map(q_BTNH, k_BSNH, v_BSNH, *, causal: bool, map_rows: tuple[int, int]):
+  return kernels.attention_with_map(
+    q_BTNH, k_BSNH, v_BSNH, map_rows=map_rows, causal=causal, **_pallas_blocks()
+  )
+
+
+def _xla(q_BTNH, k_BSNH, v_BSNH, *, causal: bool):
+  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=causal, implementation="xla")
+
+
+def _cudnn(q_BTNH, k_BSNH, v_BSNH, *, causal: bool):
+  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=causal, implementation="cudnn")
+
+
+def _reference(q_BTNH, k_BSNH, v_BSNH, *, causal: bool):
+  return attention_with_probs(q_BTNH, k_BSNH, v_BSNH, causal=causal)[0]
+
+
+register(AttentionImpl("xla", _xla))
+register(
+  AttentionImpl(
+    "cudnn",
+    _cudnn,
+    platforms=("gpu",),
+    compiled=("gpu",),
+    dtypes=_CUDNN_DTYPES,
+    head_dim_multiple=8,
+    max_head_dim=lambda: _cudnn_max_head_dim(),  # looked up per call (tests replace it)
+  )
+)
+register(AttentionImpl("chunked", chunked_attention))
+register(
+  AttentionImpl(
+    "pallas",
+    _pallas,
+    platforms=PLATFORMS,
+    compiled=("gpu", "tpu"),
+    dtypes=("float32", "bfloat16", "float16"),
+    platform_dtypes=(("tpu", ("float32", "bfloat16")),),  # Mosaic TPU has no float16 matmuls
+    with_map=_pallas_with_map,
+    # Triton pads H to a power of two, Mosaic to a multiple of 128: 256 covers SD's 40 / 80 / 160
+    # (SD2's 64) with tiles that fit one SM / one TPU core's VMEM.
+    max_head_dim=256,
+  )
+)
+register(AttentionImpl("reference", _reference))
+
+# The built-in names, "auto" last (what a CLI flag may offer).
+IMPLEMENTATIONS = (*REGISTRY, "auto")

@@ -17,10 +17,16 @@ Reads top to bottom as diffusers builds it (`unets/unet_2d_condition.py`, `unets
 
 Attention maps leave the U-Net as values, not through hooks (big_vision style): every transformer
 returns the head-averaged softmax probabilities of the layers that a static `CaptureSpec` selects,
-and the U-Net averages them over those layers. Every layer computes its output through the same
-`dot_product_attention` call whether or not it is captured; a captured layer recomputes its
-probabilities on the side, for the selected batch rows only, so capturing never changes the noise
-prediction. LUSD reads the cross-attention map of the edited token to localize the update.
+and the U-Net averages them over those layers. Every layer computes its output through
+`attention.attend` with the implementation `attention_impl` names, or the one "auto" picks for it
+(`attention.select`). A captured layer either gets its head-mean map from the same call (the
+"pallas" map kernel of `lusd_jax.kernels`: forced, or "auto" on GPU / TPU; it never holds the
+per-head probabilities) or recomputes its probabilities on the side, for the selected batch rows
+only (every other implementation, on CPU under "auto", and per-head maps). With one implementation
+for every layer, capturing never changes the noise prediction (the kernel's map is a second pass
+beside an unchanged output); under "auto" on GPU / TPU a captured layer's output comes from the map
+kernel instead of cuDNN / XLA, which changes it by float rounding. LUSD reads the cross-attention map
+of the edited token to localize the update.
 The per-layer mode (`CaptureSpec.per_layer_maps`) returns each selected layer's maps instead, in
 U-Net order, head-averaged or per head; `map_layers` says which layer each entry is.
 
@@ -58,7 +64,7 @@ import jax.numpy as jnp
 
 from lusd_jax import weights
 from lusd_jax.configs import config_kwargs
-from lusd_jax.models.attention import dot_product_attention
+from lusd_jax.models import attention
 from lusd_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm, random_params
 
 CROSS_DOWN, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -122,7 +128,8 @@ class UNetConfig:
 
   `upcast_attention` (SD2.1) asks for attention scores and softmax in float32. Every attention path
   here already does that (`jax.nn.dot_product_attention` accumulates logits in float32, cuDNN flash
-  attention keeps its softmax in float32, captured maps are float32), so the flag selects nothing.
+  attention and the Pallas kernel keep their softmax in float32, captured maps are float32), so the
+  flag selects nothing.
   """
 
   sample_size: int | tuple[int, ...] | None = None
@@ -440,10 +447,21 @@ class Attention(nn.Module):
     q_BTNH = dense("to_q")(x_BTC).reshape(b, t, self.heads, self.head_dim)
     k_BSNH = dense("to_k")(context_BSD).reshape(b, s, self.heads, self.head_dim)
     v_BSNH = dense("to_v")(context_BSD).reshape(b, s, self.heads, self.head_dim)
-    out_BTNH = dot_product_attention(q_BTNH, k_BSNH, v_BSNH, impl=self.impl)
+    # A map kernel ("pallas": forced, or "auto" on GPU / TPU) returns the head-mean map with the
+    # output; otherwise the map is computed beside the output. grad: the U-Net may be differentiated
+    # (UnifyEdit's map losses), so only differentiable implementations qualify.
+    out_BTNH, probs = attention.attend(
+      q_BTNH,
+      k_BSNH,
+      v_BSNH,
+      map_rows=rows,
+      heads="all" if mode == "all" else "mean",
+      impl=self.impl,
+      grad=True,
+    )
     out_BTC = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out_BTNH.reshape(b, t, inner))
-    if rows is None:
-      return out_BTC, None
+    if rows is None or probs is not None:
+      return out_BTC, probs
     if mode == "average":  # LUSD's maps: kept exactly as they were before the per-layer mode
       return out_BTC, _head_mean_probs(q_BTNH, k_BSNH, rows)
     return out_BTC, _layer_probs(q_BTNH, k_BSNH, rows, mode)
@@ -768,8 +786,13 @@ class UNet2DConditionModel(nn.Module):
   Attributes:
     config: the checkpoint's `unet/config.json`.
     dtype: activation dtype (params may be in any dtype; they are cast per layer).
-    attention_impl: `dot_product_attention` implementation: "auto" (the fastest for the backend,
-      `attention.resolve_impl`), "xla", "cudnn", "chunked" or "reference".
+    attention_impl: the `attention.REGISTRY` implementation of every attention layer ("xla",
+      "cudnn", "chunked", "pallas", "reference"), or "auto": `attention.select` per layer (captured
+      head-mean layers take the "pallas" map kernel on GPU / TPU; the rest, and every layer on CPU,
+      cudnn / chunked / xla as the backend and shapes suit). With "pallas", a captured head-mean
+      layer computes its output and map in one `kernels.attention_with_map` call (interpreted on
+      CPU); per-head maps ("all") are computed beside the output whatever the implementation. A name
+      that cannot compute a layer (e.g. "cudnn" on CPU) raises a ValueError when traced.
   """
 
   config: UNetConfig
