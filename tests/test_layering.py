@@ -10,6 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lusd_jax"
 # What a model file may import from the project: its siblings and the leaf modules below them.
 MODEL_DEPENDENCIES = {
   "lusd_jax.models",
+  "lusd_jax.kernels",  # the Pallas attention kernels the registry dispatches to (floor 0, no model imports)
   "lusd_jax.configs",
   "lusd_jax.weights",
   "lusd_jax.tokenizer",
