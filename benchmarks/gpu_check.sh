@@ -157,10 +157,12 @@ step setup 240 20 "$SETUP"
 
 # JAX on the GPU against diffusers (PyTorch, CPU, float32) with the same weights: tiny and SD1.5
 # architectures, eps, attention maps, gradients through the maps; attention implementations against
-# the explicit softmax. Float32 matmuls at full precision (XLA's GPU default is TF32, which the 1e-4
+# the explicit softmax; the Pallas kernels (compiled by Triton there, not interpreted) and the
+# attention registry. Float32 matmuls at full precision (XLA's GPU default is TF32, which the 1e-4
 # parity tolerance does not allow for); 4 xdist workers share the GPU (no preallocation).
 step parity 200 60 "JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false OMP_NUM_THREADS=4 \
-$PY -m pytest -q -p no:cacheprovider -n 4 -rfE tests/test_unet.py tests/test_unet_maps.py tests/test_attention.py"
+$PY -m pytest -q -p no:cacheprovider -n 4 -rfE tests/test_unet.py tests/test_unet_maps.py tests/test_attention.py \
+tests/test_kernels.py tests/test_attention_registry.py"
 
 # What the float32 tests cannot see: cuDNN flash attention (bfloat16 only) on SD1.5's layer shapes
 # against a float32 explicit softmax, and a bfloat16 SD1.5 U-Net (auto attention: cuDNN) against float32.
