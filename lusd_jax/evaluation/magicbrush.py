@@ -43,6 +43,7 @@ SUCCESS_THRESHOLDS = 1.0 + 0.01 * np.arange(41)  # k = 1.00 .. 1.40 (CLIP-AUC)
 BACKGROUND_THRESHOLDS = SUCCESS_THRESHOLDS[:23]  # k = 1.00 .. 1.22 (L1*, CLIP-I*)
 CATEGORIES = ("all", "add", "other")
 
+
 class ImageEmbedder(Protocol):
   """Anything that embeds images: `CLIP` (CLIP-I), or e.g. a DINO ViT-S/16 for a DINO* column."""
 
@@ -245,4 +246,3 @@ def plot_success_rate(curves: Mapping[str, np.ndarray], path: str, thresholds_K=
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
-
