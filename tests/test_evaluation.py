@@ -391,27 +391,55 @@ def test_eval_command(bench, tiny_clip, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_batch_then_eval(bench, tmp_path):
-  results = tmp_path / "lusd"
-  edit = subprocess.run(
-    [sys.executable, "-m", "lusd_jax.cli", "batch", "--model", "tiny-random", "--input-dir", bench["dataset"]]
-    + ["--output-dir", str(results), "--num-steps", "2", "--size", "64", "--quiet"],
-    capture_output=True,
-    text=True,
+@pytest.mark.xdist_group(
+  "unifyedit-programs"
+)  # UnifyEdit's T = 3, 128 px, color-preset programs: compiled once
+def test_cli_batch_both_methods_then_eval(tmp_path, capsys):
+  """`batch` with each method on one dataset folder, then `eval --protocol all` over both result folders.
+
+  In-process (no interpreter start-ups). The dataset and the UnifyEdit command are those of
+  test_unifyedit_cli's batch test (its two good rows: a masked and an unmasked color edit of a
+  200 x 160 photo), so that the programs compiled there serve this run.
+  """
+  ds = tmp_path / "in"
+  (ds / "images").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  Image.fromarray((rng.random((160, 200, 3)) * 255).astype(np.uint8)).save(ds / "images" / "photo.png")
+  mask = np.zeros((160, 200), np.uint8)
+  mask[40:120, 60:150] = 255
+  Image.fromarray(mask).save(ds / "images" / "mask.png")
+  (ds / "index.csv").write_text(
+    "img_path,source_prompt,target_prompt,mask_path,edit_type\n"
+    "photo.png,a cat,a dog,mask.png,color\n"
+    "photo.png,a cat,a painting of a cat,,color\n"  # no mask: edited, and scored, whole
   )
-  assert edit.returncode == 0, edit.stderr
-  out = tmp_path / "eval"
-  ev_run = subprocess.run(
-    [sys.executable, "-m", "lusd_jax.cli", "eval", "--results", str(results), bench["nothing"]]
-    + ["--dataset", bench["dataset"], "--clip", "tiny-random", "--out", str(out)],
-    capture_output=True,
-    text=True,
+  lusd, unify, out = tmp_path / "lusd", tmp_path / "unifyedit", tmp_path / "eval"
+  batch = ["batch", "--input-dir", str(ds), "--model", "tiny-random", "--quiet", "--output-dir"]
+  assert cli.main([*batch, str(lusd), "--num-steps", "2", "--size", "64"]) == 0
+  unify_flags = ["--size", "128", "--num-steps", "3", "--tau1", "1", "--tau2", "2", "--inversion", "ddim"]
+  assert cli.main([*batch, str(unify), "--method", "unifyedit", *unify_flags]) == 0
+  capsys.readouterr()
+  code, printed, err = _eval(
+    ["--protocol", "all", "--results", str(lusd), str(unify), "--dataset", str(ds), "--out", str(out)]
+    + ["--clip", "tiny-random", "--clip-l", "tiny-random", "--dino", "tiny-random"],
+    capsys,
   )
-  assert ev_run.returncode == 0, ev_run.stderr
-  summary = _read_csv(out / "summary.csv")
-  assert len(summary) == 2 * 3 and summary[0]["method"] == "lusd" and summary[0]["missing"] == "0"
-  assert len(_read_csv(out / "per_example.csv")) == 2 * len(PHOTOS)
-  assert os.path.getsize(out / "success_rate.png") > 0
+  assert code == 0, err
+  assert "1 rows of a local edit type have no mask_path and are scored whole: rows 1" in err
+  summary = _read_csv(out / "unifyedit_summary.csv")
+  assert [(r["method"], r["edit_type"], r["n"], r["failed"], r["cropped"]) for r in summary] == [
+    (m, t, "2", "0", "1") for m in ("lusd", "unifyedit") for t in ("all", "color")
+  ]
+  assert all(float(r["DINO"]) > 0 and math.isfinite(float(r["CLIP-L"])) for r in summary)
+  # The mask's box on the square the batch edited (columns 20..179 of the photo): 0.25 .. 0.8125 across,
+  # 0.25 .. 0.75 down, on each method's output size.
+  per = {(r["method"], r["row"]): r for r in _read_csv(out / "unifyedit_per_example.csv")}
+  assert per["lusd", "0"]["box"] == "16,16,52,48" and per["unifyedit", "0"]["box"] == "32,32,104,96"
+  assert per["lusd", "1"]["box"] == "" and per["lusd", "1"]["scope"] == "global"
+  assert [r["method"] for r in _read_csv(out / "summary.csv")] == ["lusd", "unifyedit"]
+  report = (out / "report.md").read_text(encoding="utf-8")
+  assert "](fidelity_editability.png)" in report and "| unifyedit | color | 2 | 0 | 1 |" in report
+  assert os.path.getsize(out / "fidelity_editability.png") > 0 and "| lusd | all | 2 | 0 |" in printed
 
 
 # ----------------------------------------------------------------------------- the command line

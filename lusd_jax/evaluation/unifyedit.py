@@ -138,9 +138,7 @@ def row_regions(examples: Sequence[EditExample], log: Callable[[str], None]) -> 
       regions.append(RowRegion("global", None, None))
       continue
     try:
-      with Image.open(ex.source_path) as im:
-        size = im.size
-      box, square_box = _read_mask_box(ex.mask_path, size)
+      box, square_box = _read_mask_box(ex.mask_path, io.image_original_size(ex.source_path))
     except (io.InputError, OSError) as e:
       raise DatasetError(f"{where}: mask_path: {e}") from None
     if box is None:
@@ -158,15 +156,16 @@ def row_regions(examples: Sequence[EditExample], log: Callable[[str], None]) -> 
 
 
 def _pair(source_path: str, result_path: str, region: RowRegion):
-  """(source crop, result crop, box used) of one edit, in the result's frame."""
-  source, result = open_rgb(source_path), open_rgb(result_path)
+  """(source crop, result crop, the box's pixels on the result or None) of one edit, in the result's frame."""
+  # The source as `lusd-jax batch` reads it (EXIF orientation, alpha composited on white).
+  source, result = io._open_oriented(Path(source_path), io.to_rgb8), open_rgb(result_path)
   box = region.box
   if result.width == result.height and source.width != source.height:
     source = source.crop(io.center_crop_box(*source.size))  # the square `lusd-jax batch` edited
     box = region.square_box
   if region.scope == "global":
     box = None
-  return crop_to_box(source, box), crop_to_box(result, box), box
+  return crop_to_box(source, box), crop_to_box(result, box), box and box_pixels(box, *result.size)
 
 
 def _dino_input(image: Image.Image, size: int) -> np.ndarray:
@@ -221,10 +220,7 @@ def score_unifyedit(
     scored = {id(r): i for i, r in enumerate(ok)}
     for r in part:
       ex, i = examples[r.row], scored.get(id(r))
-      box = ""
-      if i is not None and pairs[i][2] is not None:
-        with Image.open(r.path) as im:
-          box = ",".join(map(str, box_pixels(pairs[i][2], *im.size)))
+      box = "" if i is None or pairs[i][2] is None else ",".join(map(str, pairs[i][2]))
       out.append(
         {
           "row": r.row,
