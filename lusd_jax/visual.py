@@ -582,6 +582,7 @@ def fidelity_editability_figure(points: Any, title: str | None = None) -> Figure
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   from matplotlib.lines import Line2D
+  from matplotlib.ticker import MaxNLocator
 
   panels = list(points)
   if not panels:
@@ -604,6 +605,7 @@ def fidelity_editability_figure(points: Any, title: str | None = None) -> Figure
     ax.set_xlabel("CLIP-L score (editability)", fontsize=8)
     ax.set_ylabel("DINO distance (fidelity)", fontsize=8)
     ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(5))  # long tick labels of a narrow range would overlap
     ax.margins(0.25)  # one point per method: keep the markers off the frame
     ax.grid(alpha=0.3)
     ax.text(
