@@ -546,3 +546,88 @@ def scheduler_figure(
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return fig
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def fidelity_editability_plot(points: Any, title: str | None = None) -> np.ndarray:
+  """The UnifyEdit paper's Fig. 7: editability (x) against fidelity (y), one panel per edit type.
+
+  One marker per method (results folder), the same marker and color in every panel; the x axis is
+  the mean CLIP-L score (higher = closer to the target prompt), the y axis the mean DINO structure
+  distance (lower = structure kept), so that the lower right is better, which each panel says.
+  Drawn with matplotlib's Agg canvas directly (no pyplot, the global backend is left alone);
+  nothing is written: save the result with `io.save_png`.
+
+  Args:
+    points: `{panel: {method: (clip_score, dino_distance)}}`, panels in drawing order (e.g. "all",
+      then the edit types); a NaN point (every edit failed) is left out of its panel.
+    title: a line above the panels.
+
+  Returns:
+    float32 [H, W, 3] in [0, 1] (about 330 pixels high per row of at most three panels).
+
+  Example:
+    >>> io.save_png("scatter.png", fidelity_editability_plot({"all": {"lusd": (24.1, 0.031)}}))  # doctest: +SKIP
+  """
+  fig = fidelity_editability_figure(points, title)
+  fig.canvas.draw()
+  rgba = np.asarray(fig.canvas.buffer_rgba())
+  return rgba[..., :3].astype(np.float32) / 255.0
+
+
+def fidelity_editability_figure(points: Any, title: str | None = None) -> Figure:
+  """The matplotlib `Figure` that `fidelity_editability_plot` renders, from the same arguments."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.lines import Line2D
+  from matplotlib.ticker import MaxNLocator
+
+  panels = list(points)
+  if not panels:
+    raise ValueError("fidelity_editability_plot: no panel to draw")
+  methods = list(dict.fromkeys(m for p in panels for m in points[p]))
+  cols = min(3, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig = Figure(figsize=(3.6 * cols, 3.3 * rows + (0.5 if title else 0.2) + 0.4), dpi=100)
+  FigureCanvasAgg(fig)
+  axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+  for ax, panel in zip(axes, panels, strict=False):
+    for i, method in enumerate(methods):
+      x, y = points[panel].get(method, (math.nan, math.nan))
+      if np.isfinite(x) and np.isfinite(y):
+        ax.scatter(
+          [x], [y], marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", s=60, edgecolors="black",
+          linewidths=0.5, label=method, zorder=3,
+        )  # fmt: skip
+    ax.set_title(panel, fontsize=10)
+    ax.set_xlabel("CLIP-L score (editability)", fontsize=8)
+    ax.set_ylabel("DINO distance (fidelity)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(5))  # long tick labels of a narrow range would overlap
+    ax.margins(0.25)  # one point per method: keep the markers off the frame
+    ax.grid(alpha=0.3)
+    ax.text(
+      0.97, 0.03, "lower-right is better", transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+      color="0.35", style="italic",
+    )  # fmt: skip
+  for ax in axes[len(panels) :]:
+    ax.set_visible(False)
+  handles = [
+    Line2D(
+      [],
+      [],
+      marker=_MARKERS[i % len(_MARKERS)],
+      linestyle="",
+      markerfacecolor=f"C{i % 10}",
+      markeredgecolor="black",
+      markersize=8,
+    )  # fmt: skip
+    for i in range(len(methods))
+  ]
+  fig.legend(handles, methods, loc="lower center", ncol=min(len(methods), 4), fontsize=8, frameon=False)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0.08 / rows + 0.02, 1, 1))
+  return fig

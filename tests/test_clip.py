@@ -167,3 +167,48 @@ def test_load_errors_name_the_problem(tmp_path, tiny_clip):
     loading.load_clip(str(tmp_path))
   with pytest.raises(clip_lib.CLIPLoadError, match="not a transformers CLIPModel folder"):
     loading.load_clip("no/such/clip/folder")
+
+
+@pytest.mark.slow
+def test_vit_l14_matches_transformers():
+  """openai/clip-vit-large-patch14's architecture (random weights): embeddings and the CLIP score.
+
+  The UnifyEdit protocol's editability is loveu-tgve's `logits_per_image` of this model, with OpenAI's
+  logit scale exp(ln 100) = 100: 100 x cos(image, text). One photo and one prompt keep it cheap.
+  """
+  from transformers import CLIPConfig, CLIPModel
+
+  arch = clip_lib.CLIP_VIT_L14
+  torch.manual_seed(21)
+  ref = CLIPModel(CLIPConfig(**arch)).eval()
+  g = torch.Generator().manual_seed(22)
+  with torch.no_grad():
+    # The init leaves LayerNorms at 1 / 0 and biases at 0: perturb those (cheap; the matrices are random).
+    for p in ref.parameters():
+      if p.ndim == 1:
+        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ref.logit_scale.fill_(np.log(100.0))  # OpenAI's trained value (random init says 1 / 0.07)
+  pixels_1HWC = clip_lib.preprocess_image(_photo("astronaut"))[None]
+  tok = tokenizer_lib.bundled_tokenizer()
+  ids_1L = tokenizer_lib.tokenize(tok, ["an astronaut riding a horse"])
+  with torch.no_grad():
+    out = ref(
+      input_ids=torch.from_numpy(ids_1L).long(),
+      pixel_values=torch.from_numpy(pixels_1HWC.transpose(0, 3, 1, 2).copy()),
+    )
+  ref_img, ref_txt = out.image_embeds.numpy(), out.text_embeds.numpy()  # L2-normalised projections
+  ref_score = float(out.logits_per_image[0, 0])
+  model = clip_lib.clip_from_state_dict(dict(arch), torch_state_dict(ref), tok, "vit-l14-random")
+  del ref, out  # the PyTorch copy of the 428M parameters
+  assert model.config.vision_config.num_patches == 256 and model.config.projection_dim == 768
+
+  img_1P = model.embed_images([_photo("astronaut")])
+  txt_1P = model.embed_texts(["an astronaut riding a horse"])
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  np.testing.assert_allclose(unit(img_1P), ref_img, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(unit(txt_1P), ref_txt, atol=1e-4, rtol=0)
+  from lusd_jax.evaluation import clip_score
+
+  assert clip_score(img_1P, txt_1P)[0] == pytest.approx(ref_score, abs=1e-3)
+  assert abs(ref_score) > 0.1  # the tolerance is under 1% of the score
+  assert np.std(img_1P) > 1e-3 and np.std(txt_1P) > 1e-3

@@ -15,6 +15,7 @@ from skimage import data
 
 from lusd_jax import cli, loading
 from lusd_jax import evaluation as ev
+from lusd_jax.io import InputError
 from lusd_jax.models import clip as clip_lib
 
 H = 0.01  # threshold step
@@ -130,6 +131,41 @@ def test_summarize_per_category():
   np.testing.assert_allclose(curves["all"], np.full(41, 1 / 3))
 
 
+# ----------------------------------------------------------------------------- UnifyEdit protocol math
+
+
+def test_clip_score_by_hand():
+  # 100 x cos: loveu-tgve's logits_per_image with OpenAI's logit scale (exp = 100); not clamped at 0.
+  image = np.array([[3.0, 4.0], [1.0, 0.0], [1.0, 0.0]])
+  text = np.array([[4.0, 3.0], [0.0, 2.0], [-5.0, 0.0]])
+  np.testing.assert_allclose(ev.clip_score(image, text), [96.0, 0.0, -100.0], atol=1e-12)
+
+
+def test_mask_box_and_crop_by_hand():
+  mask = np.zeros((8, 10), np.uint8)  # H = 8, W = 10
+  mask[2:5, 3:7] = 255  # rows 2..4, columns 3..6
+  mask[6, 0] = 100  # below half gray: off
+  box = ev.mask_box(mask / 255.0)
+  np.testing.assert_allclose(box, (0.3, 0.25, 0.7, 0.625), atol=1e-12)
+  assert ev.mask_box(mask > 127) == box  # a bool mask is the same mask
+  assert ev.mask_box(np.zeros((8, 10))) is None
+  # On a 20 x 16 image the box is exactly columns 6..13, rows 4..9.
+  pixels = np.arange(16 * 20 * 3, dtype=np.uint8).reshape(16, 20, 3)
+  crop = ev.crop_to_box(Image.fromarray(pixels), box)
+  np.testing.assert_array_equal(np.asarray(crop), pixels[4:10, 6:14])
+  # On 15 x 12 it falls between pixels: rounded outward (left 4.5 -> 4, right 10.5 -> 11; top 3, bottom 7.5 -> 8).
+  assert ev.box_pixels(box, 15, 12) == (4, 3, 11, 8)
+  assert ev.box_pixels((0.5, 0.5, 0.5, 0.5), 4, 4) == (2, 2, 3, 3)  # never empty
+  assert ev.crop_to_box(Image.fromarray(pixels), None).size == (20, 16)  # global: whole
+
+
+def test_local_and_global_edit_types():
+  from lusd_jax.unifyedit.config import EDIT_TYPES
+
+  assert sorted(ev.LOCAL_EDIT_TYPES + ev.GLOBAL_EDIT_TYPES) == sorted(EDIT_TYPES)
+  assert set(ev.GLOBAL_EDIT_TYPES) == {"background", "style"}
+
+
 # ----------------------------------------------------------------------------- layouts
 
 
@@ -198,6 +234,10 @@ def test_result_selection(tmp_path):
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 CATEGORIES = ("add", "remove", "add", "change", "add")
+# Local types (color, object, face) get a mask on the region `_edit` paints; row 2's is drawn at twice
+# the photo's size (the protocol resizes a mask to its image). Style and background are scored whole.
+EDIT_TYPES = ("color", "style", "object", "background", "face")
+MASK_BOX = (20, 10, 45, 35)  # the masks' on-pixels on the 64 x 48 photos: columns 20..44, rows 10..34
 
 
 def _edit(im: Image.Image, shift: int = 0) -> Image.Image:
@@ -218,6 +258,15 @@ def bench(tmp_path_factory):
     src = Image.fromarray(getattr(data, name)()).convert("RGB").resize((64, 48), Image.BICUBIC)
     src.save(ds / "images" / f"{name}.png")
     _edit(src).save(ds / "images" / f"{name}_gt.png")
+    mask = ""
+    if EDIT_TYPES[i] in ev.LOCAL_EDIT_TYPES:
+      scale = 2 if i == 2 else 1
+      m = Image.new("L", (64 * scale, 48 * scale), 0)
+      ImageDraw.Draw(m).rectangle(
+        [c * scale for c in MASK_BOX[:2]] + [(c * scale) - 1 for c in MASK_BOX[2:]], 255
+      )
+      m.save(ds / "images" / f"{name}_mask.png")
+      mask = f"{name}_mask.png"
     rows.append(
       dict(
         img_path=f"images/{name}.png",
@@ -228,6 +277,8 @@ def bench(tmp_path_factory):
         local_prompt="a red ball",
         gt_path=f"images/{name}_gt.png",
         category=cat,
+        mask_path=mask,
+        edit_type=EDIT_TYPES[i],
       )
     )
     src.save(nothing / f"{i:03d}_seed0.png")
@@ -328,7 +379,7 @@ def test_eval_command(bench, tiny_clip, tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "| Nothing | all | 5 | 0 |" in printed and "| Edited | add | 3 | 2 |" in printed
   assert sorted(os.listdir(out)) == sorted(
-    ["per_example.csv", "summary.csv", "summary.md", "success_rate.csv", "success_rate.png"]
+    ["per_example.csv", "summary.csv", "summary.md", "success_rate.csv", "success_rate.png", "report.md"]
   )
   bad = parser.parse_args(
     ["--results", bench["edited"], "--dataset", str(tmp_path / "none"), "--clip", "tiny-random"]
@@ -340,27 +391,55 @@ def test_eval_command(bench, tiny_clip, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_batch_then_eval(bench, tmp_path):
-  results = tmp_path / "lusd"
-  edit = subprocess.run(
-    [sys.executable, "-m", "lusd_jax.cli", "batch", "--model", "tiny-random", "--input-dir", bench["dataset"]]
-    + ["--output-dir", str(results), "--num-steps", "2", "--size", "64", "--quiet"],
-    capture_output=True,
-    text=True,
+@pytest.mark.xdist_group(
+  "unifyedit-programs"
+)  # UnifyEdit's T = 3, 128 px, color-preset programs: compiled once
+def test_cli_batch_both_methods_then_eval(tmp_path, capsys):
+  """`batch` with each method on one dataset folder, then `eval --protocol all` over both result folders.
+
+  In-process (no interpreter start-ups). The dataset and the UnifyEdit command are those of
+  test_unifyedit_cli's batch test (its two good rows: a masked and an unmasked color edit of a
+  200 x 160 photo), so that the programs compiled there serve this run.
+  """
+  ds = tmp_path / "in"
+  (ds / "images").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  Image.fromarray((rng.random((160, 200, 3)) * 255).astype(np.uint8)).save(ds / "images" / "photo.png")
+  mask = np.zeros((160, 200), np.uint8)
+  mask[40:120, 60:150] = 255
+  Image.fromarray(mask).save(ds / "images" / "mask.png")
+  (ds / "index.csv").write_text(
+    "img_path,source_prompt,target_prompt,mask_path,edit_type\n"
+    "photo.png,a cat,a dog,mask.png,color\n"
+    "photo.png,a cat,a painting of a cat,,color\n"  # no mask: edited, and scored, whole
   )
-  assert edit.returncode == 0, edit.stderr
-  out = tmp_path / "eval"
-  ev_run = subprocess.run(
-    [sys.executable, "-m", "lusd_jax.cli", "eval", "--results", str(results), bench["nothing"]]
-    + ["--dataset", bench["dataset"], "--clip", "tiny-random", "--out", str(out)],
-    capture_output=True,
-    text=True,
+  lusd, unify, out = tmp_path / "lusd", tmp_path / "unifyedit", tmp_path / "eval"
+  batch = ["batch", "--input-dir", str(ds), "--model", "tiny-random", "--quiet", "--output-dir"]
+  assert cli.main([*batch, str(lusd), "--num-steps", "2", "--size", "64"]) == 0
+  unify_flags = ["--size", "128", "--num-steps", "3", "--tau1", "1", "--tau2", "2", "--inversion", "ddim"]
+  assert cli.main([*batch, str(unify), "--method", "unifyedit", *unify_flags]) == 0
+  capsys.readouterr()
+  code, printed, err = _eval(
+    ["--protocol", "all", "--results", str(lusd), str(unify), "--dataset", str(ds), "--out", str(out)]
+    + ["--clip", "tiny-random", "--clip-l", "tiny-random", "--dino", "tiny-random"],
+    capsys,
   )
-  assert ev_run.returncode == 0, ev_run.stderr
-  summary = _read_csv(out / "summary.csv")
-  assert len(summary) == 2 * 3 and summary[0]["method"] == "lusd" and summary[0]["missing"] == "0"
-  assert len(_read_csv(out / "per_example.csv")) == 2 * len(PHOTOS)
-  assert os.path.getsize(out / "success_rate.png") > 0
+  assert code == 0, err
+  assert "1 rows of a local edit type have no mask_path and are scored whole: rows 1" in err
+  summary = _read_csv(out / "unifyedit_summary.csv")
+  assert [(r["method"], r["edit_type"], r["n"], r["failed"], r["cropped"]) for r in summary] == [
+    (m, t, "2", "0", "1") for m in ("lusd", "unifyedit") for t in ("all", "color")
+  ]
+  assert all(float(r["DINO"]) > 0 and math.isfinite(float(r["CLIP-L"])) for r in summary)
+  # The mask's box on the square the batch edited (columns 20..179 of the photo): 0.25 .. 0.8125 across,
+  # 0.25 .. 0.75 down, on each method's output size.
+  per = {(r["method"], r["row"]): r for r in _read_csv(out / "unifyedit_per_example.csv")}
+  assert per["lusd", "0"]["box"] == "16,16,52,48" and per["unifyedit", "0"]["box"] == "32,32,104,96"
+  assert per["lusd", "1"]["box"] == "" and per["lusd", "1"]["scope"] == "global"
+  assert [r["method"] for r in _read_csv(out / "summary.csv")] == ["lusd", "unifyedit"]
+  report = (out / "report.md").read_text(encoding="utf-8")
+  assert "](fidelity_editability.png)" in report and "| unifyedit | color | 2 | 0 | 1 |" in report
+  assert os.path.getsize(out / "fidelity_editability.png") > 0 and "| lusd | all | 2 | 0 |" in printed
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -405,15 +484,23 @@ def test_eval_help_defines_the_metrics_and_flags(capsys):
     ("CLIP-AUC", "CLIP-R > k, k = 1.00 .. 1.40"),
     ("L1*", "k = 1.00 .. 1.22"),
     ("CLIP-I*", "the same for CLIP-I"),
+    ("DINO", "structure distance between x_src and x (Splice)"),
+    ("CLIP-L", "100 x cos(CLIP-L(x), CLIP-L(target_prompt))"),
+    ("crops", "local edit types (color, texture, object, face) with a mask_path"),
+    ("failed", "left out of the means"),
   ]:
     assert any(line.split()[:1] == [metric] and definition in line for line in lines), metric
-  assert "add / other" in text
+  assert "add / other" in text and "lower-right is better" in text
   for name in ("summary.md", "summary.csv", "per_example.csv", "success_rate.csv", "success_rate.png"):
+    assert name in text
+  for name in ("report.md", "unifyedit_summary.md", "unifyedit_per_example.csv", "fidelity_editability.png"):
     assert name in text
   parser = cli.build_parser()
   (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
   flags = [a for a in sub.choices["eval"]._actions if a.option_strings and a.dest != "help"]
-  assert {a.dest for a in flags} == {"results", "dataset", "clip", "out", "seed", "names"}
+  assert {a.dest for a in flags} == {
+    "results", "dataset", "clip", "out", "seed", "names", "protocol", "clip_l", "dino"
+  }  # fmt: skip
   for a in flags:
     assert a.help and ("(default" in a.help or "(required" in a.help), a.dest
     if a.default is not None:
@@ -523,3 +610,151 @@ def test_matplotlib_is_a_dependency_and_imported_only_to_plot():
     text=True,
   )
   assert probe.returncode == 0 and probe.stdout.strip() == "False", probe.stderr
+
+
+# ----------------------------------------------------------------------------- the UnifyEdit protocol
+
+
+def _dino_distances(pairs, dino) -> np.ndarray:
+  """Structure distances of (source, result) pairs, each image resized to DINO's input here (PIL bilinear).
+
+  Padded to the protocol's batch of 8, so that the program it compiled serves this check too.
+  """
+  size = dino.config.image_size
+  arr = lambda im: np.asarray(im.resize((size, size), Image.BILINEAR), np.float32) / 255.0
+  pad = lambda xs: np.stack(xs + xs[-1:] * (8 - len(xs)))
+  src, res = pad([arr(a) for a, _ in pairs]), pad([arr(b) for _, b in pairs])
+  return dino.structure_distance(src, res)[: len(pairs)]
+
+
+def test_eval_protocol_all_end_to_end(bench, tmp_path, capsys):
+  out = tmp_path / "all"
+  code, printed, err = _eval(
+    ["--protocol", "all", "--results", bench["nothing"], bench["edited"], "--dataset", bench["dataset"]]
+    + ["--clip", "tiny-random", "--clip-l", "tiny-random", "--dino", "tiny-random", "--out", str(out)],
+    capsys,
+  )
+  assert code == 0, err
+  # The missing (row 2) and the unreadable (row 4) result are reported once each, before scoring.
+  assert err.count("004_seed0.png") == 1 and err.count("002_seed0.png") == 1
+  assert sorted(os.listdir(out)) == sorted(
+    ["per_example.csv", "summary.csv", "summary.md", "success_rate.csv", "success_rate.png", "report.md"]
+    + [
+      "unifyedit_per_example.csv",
+      "unifyedit_summary.csv",
+      "unifyedit_summary.md",
+      "fidelity_editability.png",
+    ]
+  )
+  summary = _read_csv(out / "unifyedit_summary.csv")
+  types = ["all", "color", "object", "background", "style", "face"]  # Unify-Bench's order
+  assert [(r["method"], r["edit_type"]) for r in summary] == [
+    (m, t) for m in ("nothing", "edited") for t in types
+  ]
+  assert list(summary[0]) == ["method", "edit_type", "n", "failed", "cropped", "DINO", "CLIP-L"]
+  by = {(r["method"], r["edit_type"]): r for r in summary}
+  assert [by["nothing", "all"][k] for k in ("n", "failed", "cropped")] == ["5", "0", "3"]
+  assert [by["edited", "all"][k] for k in ("n", "failed", "cropped")] == ["5", "2", "1"]
+  assert (by["edited", "object"]["failed"], by["edited", "object"]["DINO"]) == ("1", "nan")
+  # Doing nothing keeps the structure exactly, cropped or not.
+  assert all(abs(float(by["nothing", t]["DINO"])) < 1e-6 for t in types)
+  assert "| edited | object | 1 | 1 | 0 | n/a | n/a |" in printed  # the table, also printed
+
+  per = {(r["method"], int(r["row"])): r for r in _read_csv(out / "unifyedit_per_example.csv")}
+  dino, clip_l = loading.load_dino("tiny-random"), loading.load_clip("tiny-random")
+  ex = ev.load_dataset(bench["dataset"])
+  # Row 0 (color, masked): both images cut to the mask's box; the result is 128 x 96, twice the photo.
+  r0 = per["edited", 0]
+  assert (r0["scope"], r0["box"], r0["failed"]) == ("local", "40,20,90,70", "False")
+  src = Image.open(ex[0].source_path).convert("RGB").crop(MASK_BOX)
+  res = Image.open(r0["result_path"]).convert("RGB").crop((40, 20, 90, 70))
+  # Row 1 (style): global, whole images.
+  r1 = per["edited", 1]
+  assert (r1["scope"], r1["box"]) == ("global", "")
+  whole = (Image.open(ex[1].source_path).convert("RGB"), Image.open(r1["result_path"]).convert("RGB"))
+  d_crop, d_whole = _dino_distances([(src, res), whole], dino)
+  assert float(r0["dino"]) == pytest.approx(d_crop, rel=1e-4, abs=1e-7)
+  assert float(r1["dino"]) == pytest.approx(d_whole, rel=1e-4, abs=1e-7) and d_whole > 0
+  # The CLIP score of the crop (batch shapes as the protocol's: 4 images, 8 prompts).
+  x = clip_l.embed_images([res] * 4)[:1]
+  y = clip_l.embed_texts([e.target_prompt for e in ex] + [""] * 3)[:1]
+  assert float(r0["clip_l"]) == pytest.approx(100 * ev.cosine_similarity(x, y)[0], abs=1e-3)
+  # Row 2's mask is drawn at twice the photo's size: resized to it, the same box.
+  assert per["nothing", 2]["box"] == ",".join(map(str, MASK_BOX))
+  assert per["edited", 2]["failed"] == "True" and per["edited", 4]["dino"] == "nan"
+  assert float(by["edited", "all"]["DINO"]) == pytest.approx(
+    np.mean([float(per["edited", r]["dino"]) for r in (0, 1, 3)]), rel=1e-6
+  )
+
+  report = (out / "report.md").read_text(encoding="utf-8")
+  assert "Random weights" in report
+  assert "](fidelity_editability.png)" in report and "](success_rate.png)" in report
+  assert "| edited | all | 5 | 2 | 1 |" in report and "| edited | add | 3 | 2 |" in report  # both protocols
+  assert "- edited: 2 (002_seed0.png, 004_seed0.png)" in report
+  with Image.open(out / "fidelity_editability.png") as png:
+    assert png.format == "PNG" and png.size[0] > 600
+
+
+@pytest.fixture
+def model_loads(monkeypatch):
+  """Fails the test if any evaluation model (CLIP, CLIP-L, DINO) loads."""
+  fail = lambda *a, **k: pytest.fail("a model was loaded")
+  monkeypatch.setattr(loading, "load_clip", fail)
+  monkeypatch.setattr(loading, "load_dino", fail)
+
+
+def _unifyedit_cases(bench, tmp_path):
+  a_file = tmp_path / "file.txt"
+  a_file.write_text("")
+  no_config = tmp_path / "no_config"
+  no_config.mkdir()
+  ds = bench["dataset"]
+  images = os.path.join(ds, "images")
+
+  def dataset(name, **row0):
+    d = tmp_path / name
+    d.mkdir()
+    base = dict(img_path=f"{images}/astronaut.png", target_prompt="a red ball", mask_path="", edit_type="")
+    _write_index(d, [dict(base, edit_type="style"), dict(base, **row0)])
+    return str(d)
+
+  Image.new("L", (64, 48), 40).save(tmp_path / "dark.png")
+  return [
+    (["--dataset", ds, "--dino", str(tmp_path / "none")], "--dino:", "no folder and no Hugging Face hub id"),
+    (["--dataset", ds, "--clip-l", str(a_file)], "--clip-l:", "is a file"),
+    (["--dataset", ds, "--dino", str(no_config)], "--dino:", "has no config.json"),
+    (
+      ["--dataset", dataset("types", edit_type="sculpture")],
+      "--dataset: index.csv row 1",
+      "edit_type 'sculpture'",
+    ),
+    (
+      ["--dataset", dataset("nomask", edit_type="color", mask_path="gone.png")],
+      "--dataset: index.csv row 1",
+      "gone.png",
+    ),
+    (
+      ["--dataset", dataset("dark", edit_type="face", mask_path=str(tmp_path / "dark.png"))],
+      "--dataset: index.csv row 1",
+      "no pixel above half gray",
+    ),
+  ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_unifyedit_bad_inputs_stop_before_any_model(case, bench, tmp_path, model_loads, capsys):
+  argv, flag, says = _unifyedit_cases(bench, tmp_path)[case]
+  code, out, err = _eval(
+    argv + ["--protocol", "all", "--results", bench["nothing"], "--out", str(tmp_path / "e")], capsys
+  )
+  line = _one_error_line(err)
+  assert code == 2 and line.startswith(f"error: {flag}") and says in line, line
+  assert out == "" and not (tmp_path / "e").exists()
+
+
+def test_unknown_protocol_is_an_input_error(bench, tmp_path, model_loads, capsys):
+  with pytest.raises(InputError, match="^--protocol: 'dino' is not one of magicbrush, unifyedit, all$"):
+    ev.run_eval(bench["nothing"], bench["dataset"], out_dir=tmp_path / "e", protocol="dino")
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["eval", "--results", bench["nothing"], "--dataset", bench["dataset"], "--protocol", "dino"])
+  assert exit_.value.code == 2 and "--protocol" in capsys.readouterr().err

@@ -52,9 +52,26 @@ from lusd_jax.configs import config_kwargs
 from lusd_jax.models import clip_text, layers
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_CLIP_L = "openai/clip-vit-large-patch14"  # the UnifyEdit protocol's CLIP score (loveu-tgve)
 TINY_RANDOM = "tiny-random"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# openai/clip-vit-large-patch14's architecture (its config.json's architecture keys): the CLIP of
+# loveu-tgve's and UnifyEdit's CLIP score. Text: Stable Diffusion 1.x's text encoder, projected.
+CLIP_VIT_L14 = dict(
+  projection_dim=768,
+  text_config=dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0,
+    eos_token_id=2, pad_token_id=1,
+  ),
+  vision_config=dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+    patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+  ),
+)  # fmt: skip
 
 
 class CLIPLoadError(ValueError):
