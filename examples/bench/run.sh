@@ -31,14 +31,13 @@ if [[ "$MODEL" == "tiny-random" ]]; then
   # The settings the tests compile (the persistent compilation cache serves them): 128 px, T = 3.
   LUSD_FLAGS=(--size 128 --num-steps 3 --quiet)
   UNIFY_FLAGS=(--size 128 --num-steps 3 --tau1 1 --tau2 1 --inversion ddim --quiet)
-  EVAL_FLAGS=(--clip tiny-random)
+  EVAL_FLAGS=(--clip tiny-random --clip-l tiny-random --dino tiny-random)
 fi
 
 set -x
 "${CLI[@]}" batch --method lusd --model "$MODEL" --input-dir "$HERE" --output-dir "$OUT/lusd" "${LUSD_FLAGS[@]}"
 "${CLI[@]}" batch --method unifyedit --model "$MODEL" --input-dir "$HERE" --output-dir "$OUT/unifyedit" \
   "${UNIFY_FLAGS[@]}"
-# TODO(merge): the eval flags (--protocol, and the tiny models of CLIP-L / DINO for tiny-random) are
-# being built in lusd_jax/cli/evaluate.py; align this line with them when merging.
+# Both protocols over both folders: tables per edit type, the Fig. 7 scatter, report.md.
 "${CLI[@]}" eval --dataset "$HERE" --results "$OUT/lusd" "$OUT/unifyedit" --protocol all --out "$OUT/eval" \
   "${EVAL_FLAGS[@]}"

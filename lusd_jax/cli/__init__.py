@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
       "sweep", help="edit one image over a grid of hyperparameters x seeds (one compiled program)"
     )
   )
-  add_eval_arguments(sub.add_parser("eval", help="score result folders (CLIP-T, CLIP-AUC, L1*, CLIP-I*)"))
+  add_eval_arguments(
+    sub.add_parser(
+      "eval",
+      help="score result folders side by side (MagicBrush: CLIP-T, CLIP-AUC, L1*, CLIP-I*; UnifyEdit: DINO, CLIP-L)",
+    )
+  )
   add_invert_arguments(sub.add_parser("invert", help="invert a photo (null-text) and reconstruct it"))
   add_convert_magicbrush_arguments(
     sub.add_parser("convert-magicbrush", help="convert MagicBrush's test split into a dataset folder")
