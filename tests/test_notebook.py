@@ -78,3 +78,33 @@ def test_unifyedit_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
   assert len(ratio_lines) == 2
   ratios = [float(v) for line in ratio_lines for v in line.split(":")[-1].split()]
   assert len(ratios) == 6 and all(math.isfinite(r) and r > 0 for r in ratios)  # 3 layers at latent/4
+
+
+def test_compare_notebook_runs_both_methods_and_both_protocols(monkeypatch, tmp_path):
+  monkeypatch.setenv("LUSD_JAX_MODEL", "tiny-random")
+  monkeypatch.setenv("LUSD_JAX_STEPS", "2")
+  monkeypatch.setenv(
+    "LUSD_JAX_UNIFY_STEPS", "3"
+  )  # T = 3 at 128 px, DDIM inversion: the other UnifyEdit tests'
+  monkeypatch.setenv("LUSD_JAX_UNIFY_INVERSION", "ddim")
+  monkeypatch.setenv("LUSD_JAX_SIZE", "128")
+  monkeypatch.setenv("LUSD_JAX_BENCH_ROWS", "6")  # one edit of each type
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  outputs = _run_notebook("compare.ipynb", monkeypatch, tmp_path)
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  assert f"lusd_jax from {ROOT}" in text
+  assert "6 edits: background, color, face, object, style, texture" in text
+  pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(pngs) == 1 + 4 + 2  # the benchmark, 4 side-by-side rows, the scatter and the success rate
+  tables = "".join(o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
+  runs = ("LUSD", "UnifyEdit", "UnifyEdit k=0.3")
+  for name in runs:
+    assert f"| {name} |" in tables, tables
+  for edit_type in ("color", "texture", "object", "background", "style", "face"):
+    assert f"| {edit_type} |" in tables, tables
+  # Every run wrote one image per row (LUSD: per seed), and the report embeds both pictures.
+  for name, per_row in (("LUSD", 2), ("UnifyEdit", 1), ("UnifyEdit_k=0.3", 1)):
+    assert len(list((tmp_path / "runs" / name).glob("*_seed*.png"))) == 6 * per_row, name
+  report = (tmp_path / "runs" / "eval" / "report.md").read_text()
+  assert "fidelity_editability.png" in report and "success_rate.png" in report
