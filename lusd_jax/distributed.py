@@ -20,9 +20,14 @@ and a rerun of the same command resumes every process from its own files.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import NamedTuple
 
 from lusd_jax.io import InputError
+
+# Set by `initialize`: this process is one of several (read by `end_on_error`).
+_joined = False
 
 
 class Process(NamedTuple):
@@ -80,6 +85,7 @@ def initialize(
   process_id: int | None = None,
   *,
   timeout_s: int = 300,
+  exit_wait_s: int = 7 * 24 * 3600,
 ) -> Process:
   """Joins the run's other processes (`jax.distributed.initialize`); call it before any JAX work.
 
@@ -93,6 +99,11 @@ def initialize(
     num_processes: how many processes the run has.
     process_id: this process's index, in [0, num_processes).
     timeout_s: how long to wait for the others to join.
+    exit_wait_s: how long a process that has finished its share waits at exit for the others
+      (JAX's shutdown barrier). When it runs out JAX aborts every process, the ones still working
+      too, so it must exceed the largest gap between the processes' finishing times (a resumed
+      process may have nothing left to do). A process that dies is still noticed within JAX's
+      heartbeat timeout (100 s).
 
   Returns:
     `Process(index, count)`.
@@ -100,6 +111,7 @@ def initialize(
   Raises:
     RuntimeError: the others did not join in time, or JAX had already started (a computation ran).
   """
+  global _joined
   import jax
 
   jax.distributed.initialize(
@@ -107,7 +119,11 @@ def initialize(
     num_processes=num_processes,
     process_id=process_id,
     initialization_timeout=timeout_s,
+    shutdown_timeout_seconds=exit_wait_s,
   )
+  _joined = True
+  # jax.process_index() starts the backend, which every process must do: each one's start waits for
+  # the others' device lists, so a process that never touched JAX would stall the others' start.
   return Process(jax.process_index(), jax.process_count())
 
 
@@ -142,6 +158,20 @@ def owner(i: int, n: int, process_count: int) -> int:
     raise ValueError(f"owner: element {i} is not in [0, {n})")
   # Largest p with floor(n p / P) <= i.
   return ((i + 1) * process_count - 1) // n
+
+
+def end_on_error(code: int) -> None:
+  """Ends this process at once with exit status `code` when it joined others (`initialize`).
+
+  For a command that stopped on an error. A normal exit waits at JAX's shutdown barrier for every
+  other process to finish its share, while they may be waiting for this one at a `barrier`; ending
+  without it makes JAX's heartbeat end the run everywhere (within 100 s) instead of a hang. A rerun
+  resumes from the files written. Without `initialize` this does nothing.
+  """
+  if _joined:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier(name: str) -> None:
