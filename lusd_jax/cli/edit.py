@@ -147,7 +147,10 @@ def _batch_unifyedit(args, rows, out_dir, me: distributed.Process) -> int:
   A row is done when its run record exists (written last); a rerun skips it. With several processes
   each runs its `distributed.assign` share of the rows (one seed each: a row is never split).
   """
-  rows = [rows[i] for i in distributed.assign(len(rows), me.index, me.count)]
+  share = distributed.assign(len(rows), me.index, me.count)
+  if me.count > 1:
+    print(f"batch: process {me.index} of {me.count}: {len(share)} of the {len(rows)} rows")
+  rows = [rows[i] for i in share]
   if args.mask is not None or args.reuse_inversion is not None:
     raise io.InputError("--mask / --reuse-inversion are per row in a batch: use index.csv's mask_path column")
   if args_lib.seeds_from_args(args) != (0,):
