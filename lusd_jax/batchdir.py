@@ -407,17 +407,19 @@ def row_is_done(out_dir: str | os.PathLike, row: int, seeds: Iterable[int], snap
 
 
 # `_atomic_write`'s temp files of batch outputs: `.{row:03d}_...{.png,.json}.{mkstemp letters}.tmp`.
-_BATCH_TEMP = re.compile(r"^\.\d{3,}_[^/\\]*\.(?:png|json)\.[a-z0-9_]+\.tmp$")
+_BATCH_TEMP = re.compile(r"^\.(\d{3,}_[^/\\]*\.(?:png|json))\.[a-z0-9_]+\.tmp$")
 
 
-def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+def remove_stale_temp_files(out_dir: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
   """Deletes the temp files that a killed batch left in `out_dir` (`_atomic_write`'s, nothing else).
 
   Run it before a batch starts writing: a temp file of a running write in the same folder (a second
-  batch writing there at the same time) would be deleted too.
+  batch writing there at the same time) would be deleted too, unless `names` leaves it out.
 
   Args:
     out_dir: batch output folder (may not exist yet).
+    names: only the temp files of these outputs (e.g. `output_name(0, 1)`), the ones this process
+      writes when several share the folder (`lusd-jax batch --distributed`); None: every batch output.
 
   Returns:
     The files deleted, sorted.
@@ -425,7 +427,12 @@ def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
   out_dir = Path(out_dir)
   if not out_dir.is_dir():
     return []
-  stale = sorted(p for p in out_dir.iterdir() if _BATCH_TEMP.match(p.name) and p.is_file())
+  names = None if names is None else set(names)
+  stale = sorted(
+    p
+    for p in out_dir.iterdir()
+    if (m := _BATCH_TEMP.match(p.name)) and (names is None or m.group(1) in names) and p.is_file()
+  )
   for p in stale:
     p.unlink(missing_ok=True)
   return stale

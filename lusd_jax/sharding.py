@@ -13,14 +13,12 @@ results agree to float rounding.
 On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=4` (set before JAX starts) gives four
 host devices to try this on.
 
-Multi-host (several machines, each with its own accelerators): start every process with the same
-command and the same inputs, and call `jax.distributed.initialize()` before anything else touches
-JAX (on Cloud TPU and SLURM it finds the coordinator by itself; elsewhere pass
-`coordinator_address="host0:1234", num_processes=P, process_id=i`). `jax.devices()` then lists the
-devices of all processes, and `data_mesh()` spans them all. Each process computes the same host
-inputs (same image, prompts, seeds, grid), `jax.device_put` places the blocks of its own devices, and
-`to_host` gathers the finished results onto every process (`multihost_utils.process_allgather`);
-let process 0 (`jax.process_index() == 0`) write the files.
+Multi-host (several machines, each with its own accelerators): `lusd_jax.distributed` joins the
+processes (`jax.distributed.initialize`) and gives each its share of the elements; each process
+runs its share on a mesh of its own devices (`mesh_for`, over `jax.local_devices()`), so nothing
+crosses hosts while computing. The other way, a mesh over every process's devices (`data_mesh()`
+after `jax.distributed.initialize`, every process passing the same host inputs, `to_host`
+gathering the results onto each with `multihost_utils.process_allgather`), is not tested.
 """
 
 from __future__ import annotations
@@ -58,7 +56,10 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def mesh_for(devices: int | None = None) -> Mesh | None:
-  """The data mesh over the first `devices` of `jax.devices()` (default: all).
+  """The data mesh over the first `devices` of this process's devices (default: all).
+
+  This process's: `jax.local_devices()`, which is `jax.devices()` unless several processes were
+  joined (`lusd_jax.distributed`); then each runs its own share on its own devices.
 
   Returns None (plain single-device programs) when that is one device.
 
@@ -66,7 +67,7 @@ def mesh_for(devices: int | None = None) -> Mesh | None:
     ValueError: `devices` is not between 1 and the number of devices, e.g. "4 asked, 1 cpu
       device(s) available" (the command line puts `--devices: ` in front).
   """
-  available = jax.devices()
+  available = jax.local_devices()
   n = len(available) if devices is None else devices
   if not 1 <= n <= len(available):
     raise ValueError(f"{devices} asked, {len(available)} {available[0].platform} device(s) available")

@@ -87,7 +87,7 @@ FLOORS = (
     "lusd_jax.version", "lusd_jax.configs", "lusd_jax.compiler", "lusd_jax.compilation_cache",
     "lusd_jax.io", "lusd_jax.batchdir", "lusd_jax.datasets", "lusd_jax.tokenizer", "lusd_jax.tiny", "lusd_jax.weights",
     "lusd_jax.schedule", "lusd_jax.sharding", "lusd_jax.prompts", "lusd_jax.visual",
-    "lusd_jax.examples", "lusd_jax.models", "lusd_jax.kernels",
+    "lusd_jax.examples", "lusd_jax.models", "lusd_jax.kernels", "lusd_jax.distributed",
   ),
   ("lusd_jax.loading", "lusd_jax.convert"),
   ("lusd_jax.engine", "lusd_jax.inversion"),

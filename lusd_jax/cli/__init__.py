@@ -103,23 +103,28 @@ def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Nam
   Returns:
     The command's exit status; 2 after one `error: ...` line for a user mistake (`io.InputError`,
     `loading.ModelLoadError`, ValueError); 1 for a diverged run (FloatingPointError); 130 when
-    interrupted. With LUSD_JAX_DEBUG=1 the exceptions propagate (a traceback).
+    interrupted. With LUSD_JAX_DEBUG=1 the exceptions propagate (a traceback). A process of a
+    `--distributed` run that stops on one of these errors ends at once (`distributed.end_on_error`).
   """
+  from lusd_jax import distributed
+
   try:
     return command(args)
   except ValueError as e:  # io.InputError, loading.ModelLoadError, clip.CLIPLoadError are ValueErrors
     if os.environ.get("LUSD_JAX_DEBUG"):
       raise
     print(f"error: {e}", file=sys.stderr)
-    return EXIT_USAGE
+    code = EXIT_USAGE
   except FloatingPointError as e:  # core.NonFiniteError: the run diverged; no usage error
     if os.environ.get("LUSD_JAX_DEBUG"):
       raise
     print(f"error: {e} (try a smaller --lr or --dtype float32)", file=sys.stderr)
-    return 1
+    code = 1
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
-    return 130
+    code = 130
+  distributed.end_on_error(code)  # `batch --distributed`: no waiting for the other processes
+  return code
 
 
 def sweep_command(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import re
 import sys
 from typing import Any, NamedTuple
 
-from lusd_jax import examples, io, loading, methods, pipeline, sharding
+from lusd_jax import distributed, examples, io, loading, methods, pipeline, sharding
 from lusd_jax.configs import ConfigError
 from lusd_jax.lusd.config import LUSDConfig
 from lusd_jax.unifyedit import pipeline as unifyedit_pipeline
@@ -170,8 +170,26 @@ def add_devices_argument(parser: argparse.ArgumentParser) -> None:
     type=int,
     default=None,
     metavar="N",
-    help="spread the edits over the first N devices (default: all of them)",
+    help="spread the edits over the first N devices (default: all of them; with --distributed, this "
+    "process's)",
   )
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds `--distributed`, `--coordinator`, `--num-processes`, `--process-id` (`process_from_args`)."""
+  g = parser.add_argument_group("several processes (hosts): start every one with the same command")
+  g.add_argument(
+    "--distributed",
+    action="store_true",
+    help="join the other processes (jax.distributed.initialize) and run only this process's share, "
+    "writing only its files (README, 'Sweeps and many devices')",
+  )
+  g.add_argument(
+    "--coordinator", default=None, metavar="HOST:PORT",
+    help="process 0's address and a free port (default: found on Cloud TPU, SLURM, Open MPI)",
+  )  # fmt: skip
+  g.add_argument("--num-processes", type=int, default=None, metavar="N", help="how many processes")
+  g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 .. N-1")
 
 
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
@@ -338,6 +356,25 @@ def inputs_from_args(args: argparse.Namespace):
   if args.target is None:
     raise io.InputError("--target is required")
   return io.load_image(args.image, args.size), args.source or "", args.target, args.edit_words
+
+
+def process_from_args(args: argparse.Namespace) -> distributed.Process:
+  """This process's place: `Process(0, 1)` alone; with `--distributed`, joins the others first.
+
+  Call it before anything starts JAX (`jax.distributed.initialize` must come first).
+
+  Raises:
+    io.InputError: a bad flag of the group (`distributed.check_flags`), or the others did not join.
+  """
+  flags = (args.coordinator, args.num_processes, args.process_id)
+  distributed.check_flags(args.distributed, *flags)
+  if not args.distributed:
+    return distributed.Process(0, 1)
+  try:
+    return distributed.initialize(*flags)
+  except RuntimeError as e:  # a timeout, a port in use: JAX's message is many lines
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise io.InputError(f"--distributed: could not join the other processes: {first}") from None
 
 
 def mesh_from_args(args: argparse.Namespace):

@@ -6,10 +6,11 @@ import argparse
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
-from lusd_jax import batchdir, engine, io, loading, pipeline, sharding, visual
+from lusd_jax import batchdir, distributed, engine, io, loading, pipeline, sharding, visual
 from lusd_jax.cli import args as args_lib
 from lusd_jax.unifyedit import pipeline as unifyedit_pipeline
 from lusd_jax.unifyedit.config import EDIT_TYPES, UnifyEditConfig
@@ -33,6 +34,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     help="folder for {row:03d}_seed{seed}.png, grids and run records (required)",
   )
   args_lib.add_run_arguments(parser)
+  args_lib.add_distributed_arguments(parser)
 
 
 # ----------------------------------------------------------------------------- edit
@@ -138,12 +140,17 @@ def _unifyedit_row_names(r: int) -> dict[str, str]:
   )  # fmt: skip
 
 
-def _batch_unifyedit(args, rows, out_dir) -> int:
+def _batch_unifyedit(args, rows, out_dir, me: distributed.Process) -> int:
   """`lusd-jax batch --method unifyedit`: every row's inputs (mask_path, edit_type) checked before the
   weights load, then one edit per row (each with its own inversion), written as it finishes.
 
-  A row is done when its run record exists (written last); a rerun skips it.
+  A row is done when its run record exists (written last); a rerun skips it. With several processes
+  each runs its `distributed.assign` share of the rows (one seed each: a row is never split).
   """
+  share = distributed.assign(len(rows), me.index, me.count)
+  if me.count > 1:
+    print(f"batch: process {me.index} of {me.count}: {len(share)} of the {len(rows)} rows")
+  rows = [rows[i] for i in share]
   if args.mask is not None or args.reuse_inversion is not None:
     raise io.InputError("--mask / --reuse-inversion are per row in a batch: use index.csv's mask_path column")
   if args_lib.seeds_from_args(args) != (0,):
@@ -201,7 +208,7 @@ def _batch_unifyedit(args, rows, out_dir) -> int:
       continue
     save_unifyedit(result, model, args.model, out_dir, _unifyedit_row_names(row.row), f"{row.row:03d}: ")
     done += 1
-  return _batch_summary(done, skipped, failures, len(rows))
+  return _batch_summary(done, skipped, failures, len(rows), me)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -234,6 +241,61 @@ def cmd_edit(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- batch
 
 
+class RowShare(NamedTuple):
+  """One process's part of a batch row (`row_shares`)."""
+
+  seeds: tuple[int, ...]  # the row's seeds this process computes, in the requested order
+  owner: bool  # this process writes the row's grid and run.json (it has the row's first seed)
+  split: bool  # other processes compute the row's other seeds
+
+
+def row_shares(rows: int, seeds, me: distributed.Process) -> dict[int, RowShare]:
+  """Process `me`'s part of a batch: the (row, seed) pairs, row-major, `distributed.assign`-ed.
+
+  Contiguous shares keep a row's seeds together: at most `me.count - 1` rows are split between two
+  processes, and such a row's grid and run.json wait for every process (`cmd_batch`).
+
+  Args:
+    rows: the number of data rows R (row r is the r-th of index.csv).
+    seeds: the requested seeds, S of them.
+    me: this process.
+
+  Returns:
+    `{row: RowShare}` of the rows with a seed for this process (all R rows with one process).
+  """
+  seeds = tuple(seeds)
+  n, k = rows * len(seeds), len(seeds)
+  mine = distributed.assign(n, me.index, me.count)
+  out = {}
+  for r in range(rows):
+    own = tuple(s for i, s in enumerate(seeds) if r * k + i in mine)
+    if own:
+      owner = distributed.owner(r * k, n, me.count) == me.index
+      out[r] = RowShare(own, owner, len(own) < k)
+  return out
+
+
+def _any_row_split(rows: int, num_seeds: int, count: int) -> bool:
+  """Whether some row's seeds go to two processes (every process computes the same answer)."""
+  n = rows * num_seeds
+  return any(
+    distributed.owner(r * num_seeds, n, count) != distributed.owner((r + 1) * num_seeds - 1, n, count)
+    for r in range(rows)
+  )
+
+
+def _share_names(shares: dict[int, RowShare], snapshots: bool) -> list[str]:
+  """The names of the files a process writes for its shares (its seeds; the rows it owns)."""
+  names = []
+  for r, share in shares.items():
+    for s in share.seeds:
+      names += [batchdir.output_name(r, s), batchdir.seed_record_name(r, s)]
+      names += [batchdir.snapshot_name(r, s)] if snapshots else []
+    if share.owner:
+      names += [batchdir.grid_name(r), batchdir.run_record_name(r)]
+  return names
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
   """Edits every unfinished (row, seed) of index.csv; on several devices, several rows run at once.
 
@@ -242,40 +304,66 @@ def cmd_batch(args: argparse.Namespace) -> int:
   the others, and then rebuilds the row's grid and run.json from every requested seed, reading the
   finished ones back. Rows already complete are skipped, and when no seed is left to compute the
   model is not loaded.
+
+  With `--distributed`, each process runs its `row_shares` and writes only their files: the images
+  and records of its seeds, and the grid and run.json of the rows whose first seed it has. A row
+  split between two processes gets its grid and run.json after every process has finished
+  (`distributed.barrier`), from the files the other process wrote (so --output-dir must be one
+  folder every process sees, when a row is split). A rerun resumes each process from its own files.
   """
 
   rows = batchdir.read_index(args.input_dir)
   config = args_lib.config_from_args(args)
   io.validate_size(args.size)
   out_dir = io.check_output_dir(args.output_dir, flag="--output-dir")
-  if args.method == "unifyedit":
-    return _batch_unifyedit(args, rows, out_dir)
   seeds = args_lib.seeds_from_args(args)
+  me = args_lib.process_from_args(args)  # before anything starts JAX
+  if args.method == "unifyedit":
+    return _batch_unifyedit(args, rows, out_dir, me)
   if any(row.mask_path is not None or row.edit_type is not None for row in rows):
     print(
       "batch: the mask_path and edit_type columns are UnifyEdit's (--method unifyedit); LUSD ignores them"
     )
   mesh = args_lib.mesh_from_args(args)
   snapshots = bool(args.save_step)
-  stale = batchdir.remove_stale_temp_files(out_dir)
+  shares = row_shares(len(rows), seeds, me)
+  if me.count > 1:
+    print(
+      f"batch: process {me.index} of {me.count}: {sum(len(x.seeds) for x in shares.values())} of the "
+      f"{len(rows) * len(seeds)} (row, seed) pairs"
+    )
+  # Another process may be writing into the same folder: remove only the temp files of our own names.
+  stale = batchdir.remove_stale_temp_files(
+    out_dir, None if me.count == 1 else _share_names(shares, snapshots)
+  )
   if stale:
     print(f"batch: removed {len(stale)} temporary file(s) left by an interrupted run", file=sys.stderr)
   failures: list[tuple[int, str]] = []
   jobs, job_rows, kept = [], [], []  # kept[j]: the finished seeds' records of job j's row
   rebuild = []  # (row, records): every seed finished, the row's grid or run.json missing
   skipped = 0
+
+  def fail(r: int, message: str):
+    failures.append((r, message))
+    print(f"[row {r}] failed: {message}", file=sys.stderr)
+
   for row in rows:
+    share = shares.get(row.row)
+    if share is None:  # another process's row
+      continue
     if batchdir.row_is_done(out_dir, row.row, seeds, snapshots):
       skipped += 1
       continue
     if row.problem:
-      failures.append((row.row, f"index.csv row {row.row}: {row.problem}"))
-      print(f"[row {row.row}] failed: {failures[-1][1]}", file=sys.stderr)
+      fail(row.row, f"index.csv row {row.row}: {row.problem}")
       continue
     finished = batchdir.finished_seed_records(out_dir, row.row, seeds, snapshots)
-    todo = [s for s in seeds if s not in finished]
+    todo = [s for s in share.seeds if s not in finished]
     if not todo:
-      rebuild.append((row, finished))
+      if share.split:  # our seeds are written; the owner completes the row after the barrier
+        skipped += 1
+      else:
+        rebuild.append((row, finished))
       continue
     label = (
       f"[row {row.row}] {os.path.basename(row.img_path)}: {row.source_prompt!r} -> {row.target_prompt!r}"
@@ -290,14 +378,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
   done = 0
   for row, finished in rebuild:  # no compute: the input image is all that is read
     print(f"[row {row.row}] every seed is finished: writing the row's grid and run.json")
-    try:
-      image = io.load_image(row.img_path, args.size)
-    except io.InputError as e:
-      failures.append((row.row, str(e)))
-      print(f"[row {row.row}] failed: {e}", file=sys.stderr)
-      continue
-    _save_batch_row(out_dir, row.row, seeds, image, {}, finished)
-    done += 1
+    done += _rebuild_batch_row(out_dir, row, seeds, finished, args.size, fail)
   if jobs:
     model = args_lib.load_model(args)
     devices = sharding.num_devices(mesh)
@@ -316,20 +397,54 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for j, result in results:
       r = job_rows[j]
       if isinstance(result, Exception):
-        failures.append((r, str(result)))
-        print(f"[row {r}] failed: {result}", file=sys.stderr)
+        fail(r, str(result))
         continue
       new = _save_batch_seeds(result, model, args, out_dir, r)
-      images = {s: result.images[i] for i, s in enumerate(result.seeds)}
-      _save_batch_row(out_dir, r, seeds, result.input_image, images, {**kept[j], **new})
+      if not shares[r].split:
+        images = {s: result.images[i] for i, s in enumerate(result.seeds)}
+        _save_batch_row(out_dir, r, seeds, result.input_image, images, {**kept[j], **new})
       done += 1
-  return _batch_summary(done, skipped, failures, len(rows))
+  if me.count > 1 and _any_row_split(len(rows), len(seeds), me.count):
+    # Every process calls this (the same decision everywhere), also one with nothing to compute.
+    distributed.barrier("lusd-jax batch: every process's seeds are written")
+    for row in rows:
+      share = shares.get(row.row)
+      if share is None or not (share.split and share.owner) or row.problem:
+        continue
+      if batchdir.row_is_done(out_dir, row.row, seeds, snapshots):
+        continue
+      finished = batchdir.finished_seed_records(out_dir, row.row, seeds, snapshots)
+      missing = [s for s in seeds if s not in finished]
+      if missing:
+        fail(
+          row.row,
+          f"seed(s) {', '.join(map(str, missing))} of another process are not in {out_dir}: they failed "
+          "there, or --output-dir is not one folder that every process sees",
+        )
+        continue
+      print(f"[row {row.row}] every process's seeds are written: writing the row's grid and run.json")
+      _rebuild_batch_row(out_dir, row, seeds, finished, args.size, fail)
+  return _batch_summary(done, skipped, failures, len(shares), me)
 
 
-def _batch_summary(done: int, skipped: int, failures: list[tuple[int, str]], rows: int) -> int:
+def _rebuild_batch_row(out_dir, row, seeds, finished: dict, size: int, fail) -> int:
+  """Writes the grid and run.json of a row whose seeds are all finished; 1 when written, else 0."""
+  try:
+    image = io.load_image(row.img_path, size)
+  except io.InputError as e:
+    fail(row.row, str(e))
+    return 0
+  _save_batch_row(out_dir, row.row, seeds, image, {}, finished)
+  return 1
+
+
+def _batch_summary(
+  done: int, skipped: int, failures: list[tuple[int, str]], rows: int, me: distributed.Process
+) -> int:
   """Prints a batch's last lines (counts, then the failures by row); returns the exit status."""
   failures.sort()
-  print(f"batch: {done} edited, {skipped} already done, {len(failures)} failed (of {rows} rows)")
+  who = "" if me.count == 1 else f" (process {me.index} of {me.count})"
+  print(f"batch{who}: {done} edited, {skipped} already done, {len(failures)} failed (of {rows} rows)")
   if failures:
     print(batchdir.summarize_failures(failures))
   return 1 if failures else 0

@@ -1,0 +1,244 @@
+"""`lusd-jax batch --distributed`: two real processes joined by JAX's runtime (CPU, gloo collectives).
+
+The two-process run uses test_batch.py's folder and flags (3 rows x seeds 0 1, tiny random model, 64
+px, 3 steps), so its single-process reference here reuses that test's compiled programs (the
+persistent cache of conftest.py) and process 0 reads them from the cache too. Process 1 always
+compiles: JAX writes cache entries from process 0 only, and process 1's programs name its own
+devices (ids from 2048), which is part of the cache key on CPU.
+
+The 6 (row, seed) pairs split 3 / 3, so row 1 is split: process 0 computes its seed 0, process 1 its
+seed 1, and process 0 writes its grid and run.json after the barrier.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lusd_jax import batchdir, cli, distributed
+from lusd_jax.cli import edit as edit_cli
+from tests import test_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (0, 1)
+
+# Runs `lusd-jax` and lists, in argv[1], the files it wrote (every output goes through _atomic_write).
+SPY = """
+import json, sys
+from lusd_jax import cli, io
+written, real = [], io._atomic_write
+def spy(path, write, binary):
+  out = real(path, write, binary)
+  written.append(out.name)
+  return out
+io._atomic_write = spy
+try:
+  code = cli.main(sys.argv[2:])
+finally:
+  with open(sys.argv[1], "w") as f:
+    json.dump(written, f)
+sys.exit(code)
+"""
+
+
+# ----------------------------------------------------------------------------- shares (no JAX)
+
+
+@pytest.mark.parametrize("n, count", [(0, 1), (1, 3), (6, 2), (7, 3), (10, 4), (5, 5)])
+def test_assign_gives_every_element_to_exactly_one_process(n, count):
+  shares = [list(distributed.assign(n, p, count)) for p in range(count)]
+  assert sorted(i for share in shares for i in share) == list(range(n))
+  for p, share in enumerate(shares):
+    assert share == list(range(share[0], share[0] + len(share))) if share else True  # contiguous
+    assert all(distributed.owner(i, n, count) == p for i in share)
+  sizes = [len(share) for share in shares]
+  assert max(sizes) - min(sizes) <= 1
+  # The same split on every call (a rerun gets its share back); bad arguments refused.
+  assert shares == [list(distributed.assign(n, p, count)) for p in range(count)]
+  with pytest.raises(ValueError):
+    distributed.assign(n, count, count)
+
+
+def test_row_shares_keep_a_rows_seeds_together():
+  one, two = (edit_cli.row_shares(3, SEEDS, distributed.Process(p, 2)) for p in range(2))
+  R = edit_cli.RowShare
+  assert one == {0: R((0, 1), True, False), 1: R((0,), True, True)}
+  assert two == {1: R((1,), False, True), 2: R((0, 1), True, False)}
+  assert edit_cli.row_shares(3, SEEDS, distributed.Process(0, 1)) == {
+    r: R(SEEDS, True, False) for r in range(3)
+  }
+  assert edit_cli._any_row_split(3, 2, 2) and not edit_cli._any_row_split(2, 2, 2)
+  assert not edit_cli._any_row_split(3, 2, 1)
+
+
+def test_stale_temp_files_of_another_process_are_kept(tmp_path):
+  mine, theirs = tmp_path / ".000_seed0.png.ab12cd.tmp", tmp_path / ".001_seed1.png.ef34gh.tmp"
+  for p in (mine, theirs):
+    p.write_bytes(b"x")
+  assert batchdir.remove_stale_temp_files(tmp_path, [batchdir.output_name(0, 0)]) == [mine]
+  assert theirs.exists() and not mine.exists()
+  assert batchdir.remove_stale_temp_files(tmp_path) == [theirs]
+
+
+@pytest.mark.parametrize(
+  "extra, words",
+  [
+    (["--process-id", "1"], ["--process-id", "needs --distributed"]),
+    (["--coordinator", "h:1"], ["--coordinator", "needs --distributed"]),
+    (
+      ["--distributed", "--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"],
+      ["--process-id 2"],
+    ),
+    (["--distributed", "--num-processes", "0"], ["--num-processes", ">= 1"]),
+    (["--distributed", "--coordinator", "host0", "--num-processes", "2", "--process-id", "0"], ["HOST:PORT"]),
+    (["--distributed", "--num-processes", "2"], ["--coordinator, --process-id", "together"]),
+  ],
+)
+def test_bad_distributed_flags_are_one_line_before_anything_starts(
+  extra, words, tmp_path, capsys, monkeypatch
+):
+  def never(*args, **kwargs):
+    raise AssertionError("jax.distributed.initialize was called")
+
+  monkeypatch.setattr(distributed, "initialize", never)
+  in_dir = test_batch._write_index(tmp_path / "in")
+  argv = [
+    "batch",
+    "--input-dir",
+    str(in_dir),
+    "--output-dir",
+    str(tmp_path / "out"),
+    "--model",
+    "tiny-random",
+  ]
+  assert cli.main(argv + extra) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "\n" not in err
+  for word in words:
+    assert word in err
+  assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start_two(in_dir, out_dir, logs):
+  """Starts `lusd-jax batch --distributed` as processes 0 and 1 (`_finish` waits for them)."""
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  }
+  argv = ["batch", "--input-dir", str(in_dir), "--output-dir", str(out_dir), *test_batch.ARGS]
+  argv += ["--distributed", "--coordinator", f"localhost:{_free_port()}", "--num-processes", "2"]
+  # Output to files, not pipes: a full pipe would block a process that the other waits for.
+  files = [[open(f"{logs[p]}.{kind}", "w+") for kind in ("out", "err")] for p in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", SPY, str(logs[p]), *argv, "--process-id", str(p)],
+      env=env,
+      cwd=REPO,
+      stdout=files[p][0],
+      stderr=files[p][1],
+      text=True,
+    )  # fmt: skip
+    for p in range(2)
+  ]
+  return procs, files
+
+
+def _finish(procs, files):
+  """Waits for `_start_two`'s processes (killed after 240 s); returns [(code, stdout, stderr)]."""
+  try:
+    for proc in procs:  # a hung coordinator must not hang the suite
+      proc.wait(timeout=240)
+  except subprocess.TimeoutExpired:
+    pass
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  out = []
+  for proc, streams in zip(procs, files, strict=True):
+    for f in streams:
+      f.seek(0)
+    out.append((proc.returncode, streams[0].read(), streams[1].read()))
+    for f in streams:
+      f.close()
+  for p, (code, stdout, stderr) in enumerate(out):
+    assert code == 0, f"process {p} exited with {code}:\n{stdout}\n{stderr[-4000:]}"
+  return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_write_each_file_once(tmp_path, capsys):
+  in_dir = test_batch._write_index(tmp_path / "in")
+  one, two = tmp_path / "one", tmp_path / "two"
+  logs = [tmp_path / f"written{p}.json" for p in range(2)]
+  started = _start_two(in_dir, two, logs)
+  # Meanwhile, one process in this one (test_batch.py's programs, from the cache): process 1 spends
+  # most of its time compiling, on one core.
+  try:
+    code = cli.main(["batch", "--input-dir", str(in_dir), "--output-dir", str(one), *test_batch.ARGS])
+  finally:
+    runs = _finish(*started)
+  assert code == 0
+  capsys.readouterr()
+  for p, (_, stdout, _) in enumerate(runs):
+    assert f"batch: process {p} of 2: 3 of the 6 (row, seed) pairs" in stdout
+    assert f"(process {p} of 2): 2 edited, 0 already done, 0 failed (of 2 rows)" in stdout
+  assert "[row 1] every process's seeds are written" in runs[0][1]  # process 0 owns the split row
+
+  # Every file once, each by one process: process 0 rows 0 and 1 (seed 0, grid, run.json), process
+  # 1 row 1's seed 1 and row 2.
+  written = [json.loads(log.read_text()) for log in logs]
+  assert not set(written[0]) & set(written[1]) and all(len(w) == len(set(w)) for w in written)
+  names = lambda r, seeds: [
+    n for s in seeds for n in (batchdir.output_name(r, s), batchdir.seed_record_name(r, s))
+  ]
+  rows = lambda *rs: [n for r in rs for n in (batchdir.grid_name(r), batchdir.run_record_name(r))]
+  assert sorted(written[0]) == sorted(names(0, SEEDS) + names(1, (0,)) + rows(0, 1))
+  assert sorted(written[1]) == sorted(names(1, (1,)) + names(2, SEEDS) + rows(2))
+  assert sorted(os.listdir(two)) == sorted(written[0] + written[1])
+
+  for row in range(3):
+    a = json.loads((two / batchdir.run_record_name(row)).read_text())
+    b = json.loads((one / batchdir.run_record_name(row)).read_text())
+    assert a["seeds"] == b["seeds"] == list(SEEDS)
+    assert a["timestep_per_step"] == b["timestep_per_step"]
+    assert a["rejections_per_step"] == b["rejections_per_step"]
+    for name in [batchdir.output_name(row, s) for s in SEEDS] + [batchdir.grid_name(row)]:
+      x, y = (np.asarray(Image.open(d / name), np.int16) for d in (two, one))
+      # The same program and inputs; an element's batch position may differ (row 1 seed 1 runs
+      # with row 2 in process 1): at most a rounding step of the 8-bit PNG.
+      assert np.abs(x - y).max() <= 1, name
+  x0, x2 = (np.asarray(Image.open(one / batchdir.output_name(r, 0)), np.int16) for r in (0, 2))
+  assert np.abs(x0 - x2).max() > 1  # rows really differ
+
+  # Resume, per process: row 2 (process 1's) lost its grid and run.json, the split row 1 its
+  # run.json. Each process rebuilds only its own row from the files there, with no model loaded; the
+  # other files stay untouched.
+  for name in rows(2) + [batchdir.run_record_name(1)]:
+    (two / name).unlink()
+  stamps = {n: (two / n).stat().st_mtime_ns for n in os.listdir(two) if n not in rows(1)}
+  runs = _finish(*_start_two(in_dir, two, logs))
+  for _, _, stderr in runs:
+    assert "random weights" not in stderr  # the model was not loaded
+  assert "(process 0 of 2): 0 edited, 2 already done" in runs[0][1]
+  assert "[row 2] every seed is finished" in runs[1][1]
+  written = [json.loads(log.read_text()) for log in logs]
+  assert sorted(written[0]) == sorted(rows(1)) and sorted(written[1]) == sorted(rows(2))
+  assert {n: (two / n).stat().st_mtime_ns for n in stamps} == stamps
+  assert json.loads((two / batchdir.run_record_name(1)).read_text())["seeds"] == list(SEEDS)
