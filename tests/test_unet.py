@@ -278,9 +278,19 @@ def test_capture_resolution_without_layers_raises(sd1):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("sd15-memory")  # ~10 GB each: never two at once on a 24 GB machine
-def test_sd15_architecture_parity_and_maps():
-  """SD1.5's real U-Net (random weights) at a 32x32 latent: eps and the LUSD maps (16x16 self, 8x8 cross)."""
+def test_sd15_architecture_parity_and_maps(monkeypatch):
+  """SD1.5's real U-Net (random weights) at a 32x32 latent: eps and the LUSD maps (16x16 self, 8x8 cross).
+
+  Then the same with the captured layers through the Pallas maps kernel (interpreted here): "auto"
+  as it chooses on a GPU or TPU, where the kernel is compiled (`REGISTRY["pallas"]` declared
+  compiled on CPU for the test): the captured layers, and only they, take output and map from one
+  kernel call; eps and maps equal the default path's and diffusers'.
+  """
+  import dataclasses
   import gc
+
+  from lusd_jax import kernels
+  from lusd_jax.models import attention
 
   torch_model = builders.tiny_unet("sd15")
   cfg = unet.UNetConfig.from_dict(dict(torch_model.config))
@@ -294,12 +304,37 @@ def test_sd15_architecture_parity_and_maps():
   del state_dict
   gc.collect()
 
-  out, maps = jitted(cfg, unet.CaptureSpec(self_res=16, cross_res=8))(params, x, 981, ctx)
+  spec = unet.CaptureSpec(self_res=16, cross_res=8)
+  out, maps = jitted(cfg, spec)(params, x, 981, ctx)
   assert_parity(out, ref)
-  for kind, res, got in (("self", 16, maps.self_attn), ("cross", 8, maps.cross_attn)):
-    np.testing.assert_allclose(
-      np.asarray(got), reference_maps(records, kind, res, (32, 32), 4), atol=MAPS_ATOL
-    )
+  want_maps = {"self": reference_maps(records, "self", 16, (32, 32), 4)}
+  want_maps["cross"] = reference_maps(records, "cross", 8, (32, 32), 4)
+  for kind, got in (("self", maps.self_attn), ("cross", maps.cross_attn)):
+    np.testing.assert_allclose(np.asarray(got), want_maps[kind], atol=MAPS_ATOL)
+
+  calls, kernel = [], kernels.attention_with_map
+
+  def recording(q, k, v, **kw):  # traced once per layer that runs the kernel
+    calls.append((kw.get("map_rows"), q.shape[1], k.shape[1]))
+    return kernel(q, k, v, **kw)
+
+  monkeypatch.setattr(attention.kernels, "attention_with_map", recording)
+  pallas = dataclasses.replace(attention.REGISTRY["pallas"], compiled=None)
+  monkeypatch.setitem(attention.REGISTRY, "pallas", pallas)
+  out_p, maps_p = jitted(cfg, spec)(params, x, 981, ctx)
+  captured = unet.map_layers(cfg, (32, 32), spec)
+  want_calls = [((0, 1), 256, 256)] * len(captured.self_layers) + [((0, 1), 64, 77)] * len(
+    captured.cross_layers
+  )
+  assert sorted(calls) == sorted(want_calls) and len(calls) == 10  # 5 self at 16x16, 5 cross at 8x8
+  assert_parity(out_p, ref)
+  assert np.abs(np.asarray(out_p) - np.asarray(out)).max() <= PARITY_RTOL * np.abs(np.asarray(out)).max()
+  for kind, got, default in (
+    ("self", maps_p.self_attn, maps.self_attn),
+    ("cross", maps_p.cross_attn, maps.cross_attn),
+  ):
+    np.testing.assert_allclose(np.asarray(got), want_maps[kind], atol=MAPS_ATOL)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(default), atol=MAPS_ATOL)
 
 
 # ----------------------------------------------------------------------------- config
