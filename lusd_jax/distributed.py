@@ -26,8 +26,10 @@ from typing import NamedTuple
 
 from lusd_jax.io import InputError
 
-# Set by `initialize`: this process is one of several (read by `end_on_error`).
+# Set by `initialize`: this process is one of several (read by `end_on_error`), and how long a
+# `barrier` waits for the others (its `exit_wait_s`).
 _joined = False
+_wait_s = 7 * 24 * 3600
 
 
 class Process(NamedTuple):
@@ -111,7 +113,7 @@ def initialize(
   Raises:
     RuntimeError: the others did not join in time, or JAX had already started (a computation ran).
   """
-  global _joined
+  global _joined, _wait_s
   import jax
 
   jax.distributed.initialize(
@@ -121,7 +123,7 @@ def initialize(
     initialization_timeout=timeout_s,
     shutdown_timeout_seconds=exit_wait_s,
   )
-  _joined = True
+  _joined, _wait_s = True, exit_wait_s
   # jax.process_index() starts the backend, which every process must do: each one's start waits for
   # the others' device lists, so a process that never touched JAX would stall the others' start.
   return Process(jax.process_index(), jax.process_count())
@@ -177,12 +179,23 @@ def end_on_error(code: int) -> None:
 def barrier(name: str) -> None:
   """Waits until every process reaches `barrier(name)` (a no-op with one process).
 
-  A tiny all-reduce over every device (`multihost_utils.sync_global_devices`; on CPU JAX's gloo
-  collectives), so each process must call it the same number of times with the same names.
+  The coordination service's barrier (the one `initialize` joined), which waits as long as a
+  finished process waits at exit (`initialize`'s `exit_wait_s`): processes reach it when their
+  shares are done, minutes apart. Not a collective over the devices (`multihost_utils.
+  sync_global_devices`): on CPU its first use sets up JAX's gloo context, which gives up when the
+  processes arrive more than 30 s apart. Each process must call it the same number of times with
+  the same names; a name is used once per run.
   """
   import jax
 
-  if jax.process_count() > 1:
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the client `jax.distributed.initialize` made
+
+  client = jax_distributed.global_state.client
+  if client is None:  # (not started by jax.distributed.initialize)
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, timeout_in_ms=int(_wait_s * 1000))

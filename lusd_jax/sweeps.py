@@ -214,6 +214,7 @@ def sweep(
   mesh: jax.sharding.Mesh | None = None,
   chunk_size: int | None = None,
   mask=None,
+  cells: Sequence[int] | None = None,
 ) -> SweepResult:
   """Edits `image` once per (grid config, seed), all C x S edits in one compiled program.
 
@@ -236,9 +237,14 @@ def sweep(
     announce: where to print the one-line notes (edit tokens, long prompts); default: nowhere.
     mesh: a `sharding.data_mesh()` to spread the C x S edits over devices (None: one device).
     chunk_size: steps per compiled call (the progress bar moves between chunks).
+    mask: UnifyEdit's edit mask (as `lusd_jax.unifyedit.edit`).
+    cells: compute only these cells (indices into the row-major grid, ascending), e.g. this
+      process's `distributed.assign(C, me.index, me.count)` of a multi-host sweep (default: all).
 
   Returns:
-    `SweepResult`: `images[c, s]` is config `configs[c]` (label `labels[c]`) with `seeds[s]`.
+    `SweepResult`: `images[c, s]` is config `configs[c]` (label `labels[c]`) with `seeds[s]`. With
+    `cells`, `configs`, `labels` and the arrays hold only those cells, in their order (`axes` is
+    still the whole grid).
 
   Raises:
     ValueError (`io.InputError`): a grid key that is unknown or static, a bad value, bad inputs.
@@ -253,6 +259,11 @@ def sweep(
   announce = announce or (lambda _msg: None)
   axes = check_grid(grid, type(base))
   configs, labels = grid_configs(base, axes)
+  if cells is not None:
+    cells = [int(c) for c in cells]
+    if not cells or sorted(set(cells)) != cells or not 0 <= cells[0] <= cells[-1] < len(configs):
+      raise ValueError(f"sweep: cells must be ascending indices in [0, {len(configs)}), got {cells}")
+    configs, labels = [configs[c] for c in cells], [labels[c] for c in cells]
   if isinstance(base, unifyedit_config.UnifyEditConfig):
     if tuple(seeds) != (0,):
       raise io.InputError("seeds: UnifyEdit is deterministic (DDIM inversion and sampling): give one seed")

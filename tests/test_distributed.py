@@ -22,6 +22,7 @@ from PIL import Image
 
 from lusd_jax import batchdir, cli, distributed
 from lusd_jax.cli import edit as edit_cli
+from lusd_jax.cli import sweep as sweep_cli
 from tests import test_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,15 +134,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_two(in_dir, out_dir, logs):
-  """Starts `lusd-jax batch --distributed` as processes 0 and 1 (`_finish` waits for them)."""
+def _batch_argv(in_dir, out_dir):
+  return ["batch", "--input-dir", str(in_dir), "--output-dir", str(out_dir), *test_batch.ARGS]
+
+
+def _start_two(argv, logs):
+  """Starts `lusd-jax ARGV --distributed` as processes 0 and 1 (`_finish` waits for them)."""
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
     "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
   }
-  argv = ["batch", "--input-dir", str(in_dir), "--output-dir", str(out_dir), *test_batch.ARGS]
-  argv += ["--distributed", "--coordinator", f"localhost:{_free_port()}", "--num-processes", "2"]
+  argv = [*argv, "--distributed", "--coordinator", f"localhost:{_free_port()}", "--num-processes", "2"]
   # Output to files, not pipes: a full pipe would block a process that the other waits for.
   files = [[open(f"{logs[p]}.{kind}", "w+") for kind in ("out", "err")] for p in range(2)]
   procs = [
@@ -187,7 +191,7 @@ def test_two_processes_equal_one_and_write_each_file_once(tmp_path, capsys):
   in_dir = test_batch._write_index(tmp_path / "in")
   one, two = tmp_path / "one", tmp_path / "two"
   logs = [tmp_path / f"written{p}.json" for p in range(2)]
-  started = _start_two(in_dir, two, logs)
+  started = _start_two(_batch_argv(in_dir, two), logs)
   # Meanwhile, one process in this one (test_batch.py's programs, from the cache): process 1 spends
   # most of its time compiling, on one core.
   try:
@@ -233,7 +237,7 @@ def test_two_processes_equal_one_and_write_each_file_once(tmp_path, capsys):
   for name in rows(2) + [batchdir.run_record_name(1)]:
     (two / name).unlink()
   stamps = {n: (two / n).stat().st_mtime_ns for n in os.listdir(two) if n not in rows(1)}
-  runs = _finish(*_start_two(in_dir, two, logs))
+  runs = _finish(*_start_two(_batch_argv(in_dir, two), logs))
   for _, _, stderr in runs:
     assert "random weights" not in stderr  # the model was not loaded
   assert "(process 0 of 2): 0 edited, 2 already done" in runs[0][1]
@@ -242,3 +246,95 @@ def test_two_processes_equal_one_and_write_each_file_once(tmp_path, capsys):
   assert sorted(written[0]) == sorted(rows(1)) and sorted(written[1]) == sorted(rows(2))
   assert {n: (two / n).stat().st_mtime_ns for n in stamps} == stamps
   assert json.loads((two / batchdir.run_record_name(1)).read_text())["seeds"] == list(SEEDS)
+
+
+# ----------------------------------------------------------------------------- sweep --distributed
+
+# test_sweep.py's command-line flags (64 px, 3 steps, lr 1/64, decay 0.9) over 2 cells x 1 seed: a
+# one-process batch of 2, as that file's 2-seed reference edits compile; each process runs 1 cell.
+SWEEP_ARGS = ["--target", "a photo of a dog", "--source", "a photo of a cat", "--model", "tiny-random"]
+SWEEP_ARGS += [
+  "--size",
+  "64",
+  "--num-steps",
+  "3",
+  "--set",
+  "lr=0.015625",
+  "--set",
+  "threshold-decay-rate=0.9",
+]
+SWEEP_ARGS += ["--grid", "threshold=0,0.1", "--seeds", "0", "--quiet"]
+SWEEP_FILES = [
+  "sweep_grid.png",
+  "input.png",
+  "sweep.json",
+  "threshold=0_seed0.png",
+  "threshold=0.1_seed0.png",
+]
+
+
+@pytest.mark.parametrize(
+  "extra, words",
+  [
+    (["--process-id", "1"], ["--process-id", "needs --distributed"]),
+    (["--distributed", "--coordinator", "h:1"], ["--num-processes, --process-id", "together"]),
+  ],
+)
+def test_bad_sweep_distributed_flags_are_one_line_before_anything_starts(
+  extra, words, tmp_path, capsys, monkeypatch
+):
+  monkeypatch.setattr(distributed, "initialize", lambda *a, **k: pytest.fail("initialize was called"))
+  argv = ["sweep", str(tmp_path / "missing.png"), *SWEEP_ARGS, "--out", str(tmp_path / "out")]
+  assert cli.main(argv + extra) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "\n" not in err
+  for word in words:
+    assert word in err  # (not the missing image: the flags are checked first)
+  assert not (tmp_path / "out").exists()
+
+
+def _without_timings(record: dict) -> dict:
+  return {k: v for k, v in record.items() if k != "timings_s"}
+
+
+@pytest.mark.slow
+def test_sweep_on_two_processes_equals_one_and_each_writes_its_part(tmp_path, capsys):
+  image = tmp_path / "in.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+  one, two = tmp_path / "one", tmp_path / "two"
+  logs = [tmp_path / f"written{p}.json" for p in range(2)]
+  argv = ["sweep", str(image), *SWEEP_ARGS, "--out", str(two)]
+  started = _start_two(argv, logs)
+  try:  # meanwhile the one-process reference, in this process
+    code = cli.main(["sweep", str(image), *SWEEP_ARGS, "--out", str(one)])
+  finally:
+    runs = _finish(*started)
+  assert code == 0
+  capsys.readouterr()
+  for p, (_, stdout, _) in enumerate(runs):
+    assert f"sweep: process {p} of 2: 1 of the 2 cells" in stdout
+
+  # Each process wrote its part once; process 0 alone the sweep's files, laid out as one process's.
+  written = [json.loads(log.read_text()) for log in logs]
+  parts = [sweep_cli.part_name(p) for p in range(2)]
+  assert sorted(written[0]) == sorted([parts[0], *SWEEP_FILES]) and written[1] == [parts[1]]
+  assert sorted(os.listdir(one)) == sorted(SWEEP_FILES)
+  assert sorted(os.listdir(two)) == sorted(SWEEP_FILES + parts)
+  a, b = (json.loads((d / "sweep.json").read_text()) for d in (two, one))
+  assert _without_timings(a) == _without_timings(b)
+  assert [cell["total_rejections"] for cell in a["cells"]] != [[0], [0]]  # threshold 0.1 redraws
+  for name in SWEEP_FILES[:2] + SWEEP_FILES[3:]:
+    x, y = (np.asarray(Image.open(d / name), np.int16) for d in (two, one))
+    assert x.shape == y.shape and np.abs(x - y).max() <= 1, name  # a rounding step (batch 1 vs 2)
+
+  # Resume per process: the parts are there, so neither process computes (nor loads the model);
+  # process 0 writes the sweep's files again from them.
+  stamps = {p: (two / p).stat().st_mtime_ns for p in parts}
+  (two / "sweep.json").unlink()
+  runs = _finish(*_start_two(argv, logs))
+  for _, stdout, stderr in runs:
+    assert "nothing to compute" in stdout and "random weights" not in stderr
+  written = [json.loads(log.read_text()) for log in logs]
+  assert sorted(written[0]) == sorted(SWEEP_FILES) and written[1] == []
+  assert {p: (two / p).stat().st_mtime_ns for p in parts} == stamps
+  assert _without_timings(json.loads((two / "sweep.json").read_text())) == _without_timings(a)
