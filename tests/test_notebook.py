@@ -44,9 +44,11 @@ def test_quickstart_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
 
 def test_unifyedit_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
   monkeypatch.setenv("LUSD_JAX_MODEL", "tiny-random")
-  # T = 3 at 128 px with DDIM inversion, as every UnifyEdit end-to-end test: the notebook's one
-  # denoising program (its 2 x 2 sweep, which holds the preset's edit) is the tiny model's cheapest.
+  # T = 3 at 128 px with DDIM inversion and no progress bars (all steps in one call): the notebook's one
+  # denoising program (its 2 x 2 sweep, which holds the preset's edit) is then test_unifyedit_batch's
+  # sweep program, which the persistent compilation cache may already hold.
   monkeypatch.setenv("LUSD_JAX_UNIFY_STEPS", "3")
+  monkeypatch.setenv("LUSD_JAX_PROGRESS", "0")
   monkeypatch.setenv("LUSD_JAX_UNIFY_INVERSION", "ddim")
   monkeypatch.setenv("LUSD_JAX_SIZE", "128")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
