@@ -44,10 +44,11 @@ def test_quickstart_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
 
 def test_unifyedit_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
   monkeypatch.setenv("LUSD_JAX_MODEL", "tiny-random")
-  monkeypatch.setenv("LUSD_JAX_STEPS", "2")
-  # T = 3 at 128 px with DDIM inversion: the denoising programs of the UnifyEdit CLI and batch tests
-  # (one config, and four), which the persistent compilation cache then holds.
+  # T = 3 at 128 px with DDIM inversion and no progress bars (all steps in one call): the notebook's one
+  # denoising program (its 2 x 2 sweep, which holds the preset's edit) is then test_unifyedit_batch's
+  # sweep program, which the persistent compilation cache may already hold.
   monkeypatch.setenv("LUSD_JAX_UNIFY_STEPS", "3")
+  monkeypatch.setenv("LUSD_JAX_PROGRESS", "0")
   monkeypatch.setenv("LUSD_JAX_UNIFY_INVERSION", "ddim")
   monkeypatch.setenv("LUSD_JAX_SIZE", "128")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -58,15 +59,14 @@ def test_unifyedit_notebook_runs_and_shows_pictures(monkeypatch, tmp_path):
     for o in outputs
     if "image/png" in o.get("data", {})
   ]
-  assert len(pngs) == 4  # photo and mask, the side-by-side grid, the scheduler plot, the sweep grid
-  # `visual.grid` is gap + sum(W + gap) wide (gap 8): 3 tiles of 128 px, then 5 (input | LUSD |
+  assert len(pngs) == 4  # photo and mask, the edit's grid, the scheduler plot, the sweep grid
+  # `visual.grid` is gap + sum(W + gap) wide (gap 8): 3 tiles of 128 px, then 4 (input |
   # reconstruction | UnifyEdit | mask), so the notebook ran at LUSD_JAX_SIZE and showed every tile.
-  assert pngs[0].width == 8 + 3 * (128 + 8) and pngs[1].width == 8 + 5 * (128 + 8)
+  assert pngs[0].width == 8 + 3 * (128 + 8) and pngs[1].width == 8 + 4 * (128 + 8)
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert f"lusd_jax from {ROOT}" in text  # this checkout's package, not an installed one
   for line in (
     "size 128",
-    "LUSD timings",
     "UnifyEdit timings",
     "R_l at the first step",
     "sweep of 4 configs",
