@@ -75,9 +75,10 @@ def inputs_for(data, trajectory, mask: bool) -> UnifyInputs:
   )
 
 
-# Traced windows cut through the run: L_SAP acts at t = 3, L_CAA for t >= 2, neither at t = 1 (of
-# T = 3); blending starts at t = 2 (T - int(0.4 T)).
-BASE = dict(num_steps=T, tau1=2, tau2=3, k1=0.3, k2=0.2, beta1=3.0, beta2=4.0, blend_start=0.4)
+# Traced windows cut through the run (of T = 3): both terms at t = 3, L_SAP alone at t = 2 (the first
+# step where it is not zero: z_src = z_tgt before it), neither at t = 1; blending from t = 2 on
+# (T - int(0.4 T)).
+BASE = dict(num_steps=T, tau1=3, tau2=2, k1=0.3, k2=0.2, beta1=3.0, beta2=4.0, blend_start=0.4)
 CASES = {  # name: (config overrides, mask)
   "blc-mask-blend": (dict(), True),
   "blc-global": (dict(), False),
