@@ -2,7 +2,7 @@
 
 The reference (tests/unifyedit_reference.py) transcribes the issue's algorithm on diffusers' PyTorch
 U-Net in float64; the package runs the same tiny random weights in float32. Every ablation, mask and
-schedule form is a traced number, so the parity cases are ONE engine batch of one compiled program.
+schedule form is a traced number, so the parity cases are runs of ONE compiled program.
 """
 
 from __future__ import annotations
