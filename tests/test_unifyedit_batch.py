@@ -57,16 +57,16 @@ import numpy as np
 sys.path.insert(0, {REPO!r})
 import jax, lusd_jax
 from lusd_jax import sharding
-from lusd_jax.unifyedit import UnifyEditConfig
+from lusd_jax.unifyedit import UnifyEditConfig, UnifyInputs
 from lusd_jax.unifyedit import pipeline as ue
-from tests.test_unifyedit_batch import BASE, CONFIGS, photo_and_mask, SIZE
+from tests.test_unifyedit_batch import BASE, CONFIGS
 
 assert jax.device_count() == 4, jax.devices()
 model = lusd_jax.load_model("tiny-random")
-image, mask = photo_and_mask()
+inputs = UnifyInputs(**dict(np.load(sys.argv[1])))
 configs = [UnifyEditConfig(**BASE, **c) for c in CONFIGS]
-four = ue.edit_configs(model, image, "a cat", "a dog", configs, mask=mask, size=SIZE, mesh=sharding.data_mesh())
-np.save(sys.argv[1], np.stack([r.latents[0] for r in four]))
+out = ue.denoise(model, inputs, configs, mesh=sharding.data_mesh())
+np.save(sys.argv[2], out.final[0])
 """
 # Three configs over four devices: one padding element, dropped.
 CONFIGS = [dict(beta1=2.0, k2=0.1), dict(beta1=2.0, k2=0.4), dict(beta1=5.0, k2=0.1)]
@@ -74,6 +74,15 @@ CONFIGS = [dict(beta1=2.0, k2=0.1), dict(beta1=2.0, k2=0.4), dict(beta1=5.0, k2=
 
 @pytest.mark.xdist_group("unifyedit-programs")  # after the sweep test, on its worker: its program
 def test_four_emulated_devices_equal_one(tmp_path):
+  # Only the denoising phase is sharded (`edit_configs` passes the mesh to `denoise` alone): both
+  # processes run `denoise` on the same inputs (the photo's encoding and DDIM inversion, made here),
+  # so the subprocess compiles the sharded program only.
+  model = lusd_jax.load_model("tiny-random")
+  image, mask = photo_and_mask()
+  configs = [UnifyEditConfig(**BASE, **c) for c in CONFIGS]
+  prep = ue.prepare_unifyedit(model, image, "a cat", "a dog", configs[0], mask=mask, size=SIZE)
+  inputs = ue._inputs(prep, ue.invert_prepared(model, prep, configs[0]))
+  np.savez(tmp_path / "inputs.npz", **{k: np.asarray(v) for k, v in inputs._asdict().items()})
   env = {
     **os.environ,
     "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -82,20 +91,13 @@ def test_four_emulated_devices_equal_one(tmp_path):
   }
   out = tmp_path / "four.npy"
   proc = subprocess.run(
-    [sys.executable, "-c", SCRIPT, str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
-  )
+    [sys.executable, "-c", SCRIPT, str(tmp_path / "inputs.npz"), str(out)],
+    env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-4000:]
   four = np.load(out)
   # One device, here: padded to 4 elements, the program of the sweep test above (already compiled).
-  model = lusd_jax.load_model("tiny-random")
-  image, mask = photo_and_mask()
-  configs = [UnifyEditConfig(**BASE, **c) for c in CONFIGS]
-  one = np.stack(
-    [
-      r.latents[0]
-      for r in ue.edit_configs(model, image, "a cat", "a dog", configs, mask=mask, size=SIZE, batch_size=4)
-    ]
-  )
+  one = ue.denoise(model, inputs, configs, batch_size=4).final[0]
   assert four.shape == one.shape == (3, SIZE // 8, SIZE // 8, 4)
   # A different program (shard_map over blocks of one): float32 rounding differs, and the guided
   # steps amplify it as in the reference parity test (same relative tolerance, tests/test_unifyedit.py).
