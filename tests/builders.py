@@ -66,6 +66,25 @@ def tiny_unet(style: str = "sd1", seed: int = 0):
   return perturb_(UNet2DConditionModel(**cfg), seed + 1)
 
 
+# Two blocks (one cross-attention level down and up, plus the middle block): about half the ops of
+# TINY_SD1_UNET, so programs that differentiate or vmap it compile in less time. For tests of the
+# math around the U-Net (inversion, sampling), which does not depend on its depth.
+TWO_BLOCK_UNET = dict(
+  TINY_SD1_UNET,
+  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+  block_out_channels=(32, 32),
+)
+
+
+def two_block_unet(seed: int = 0):
+  """`tiny_unet` with `TWO_BLOCK_UNET`'s config (perturbed random weights)."""
+  from diffusers import UNet2DConditionModel
+
+  torch.manual_seed(seed)
+  return perturb_(UNet2DConditionModel(**TWO_BLOCK_UNET), seed + 1)
+
+
 def tiny_vae(seed: int = 0):
   from diffusers import AutoencoderKL
 

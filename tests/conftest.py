@@ -46,3 +46,18 @@ def tiny_sd1_dir(tmp_path_factory):
 def tiny_sd2_dir(tmp_path_factory):
   """A complete tiny SD2-style folder: linear projection, per-block heads, v-prediction."""
   return builders.build_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny_sd2"), "sd2", seed=1)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+  """PyTorch on one thread while a module's references run, restored afterwards.
+
+  The machines that run the tests are shared (CI: two xdist workers on two cores): with a thread per
+  core, torch's workers wait on each other and a tiny U-Net's forward takes about 10x longer.
+  """
+  import torch
+
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)

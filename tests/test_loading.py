@@ -1,5 +1,6 @@
 """load_model on real diffusers folder layouts, its errors, and the `lusd-jax convert` round trip."""
 
+import functools
 import json
 import os
 import shutil
@@ -14,7 +15,18 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from lusd_jax import cli, convert, loading
+from lusd_jax.compiler import jit
 from lusd_jax.models import unet as unet_lib
+
+# The torch references on one thread (conftest.py: many threads on a shared machine are far slower).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@functools.cache
+def _jitted_apply(cfg: unet_lib.UNetConfig):
+  """One compiled forward per config: op-by-op (eager) dispatch of the U-Net costs far more time."""
+  model = unet_lib.UNet2DConditionModel(cfg)
+  return jit(lambda params, z, t, ctx: model.apply({"params": params}, z, t, ctx))
 
 
 def _unet_forward(model: loading.SDModel, seed=0):
@@ -22,7 +34,7 @@ def _unet_forward(model: loading.SDModel, seed=0):
   rng = np.random.default_rng(seed)
   z = rng.standard_normal((1, 16, 16, cfg.in_channels)).astype(np.float32)
   ctx = rng.standard_normal((1, 77, cfg.cross_attention_dim)).astype(np.float32)
-  eps, _ = unet_lib.UNet2DConditionModel(cfg).apply({"params": model.params.unet}, z, jnp.array([500]), ctx)
+  eps, _ = _jitted_apply(cfg)(model.params.unet, z, jnp.array([500]), ctx)
   return z, ctx, np.asarray(eps)
 
 
@@ -185,13 +197,20 @@ def _leaf_dtypes(tree):
   return {x.dtype for x in jax.tree.leaves(tree)}
 
 
+@pytest.fixture(scope="module")
+def converted_sd1_dir(tiny_sd1_dir, tmp_path_factory):
+  """The tiny SD1 folder converted once for the module's readers (they do not modify it)."""
+  out = str(tmp_path_factory.mktemp("converted_sd1") / "converted")
+  convert.convert(tiny_sd1_dir, out)
+  return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", sorted(HALF))
-def test_mixed_policy_keeps_the_encoders_in_float32(policy, tiny_sd1_dir, tmp_path):
+def test_mixed_policy_keeps_the_encoders_in_float32(policy, tiny_sd1_dir, converted_sd1_dir):
   half = jnp.dtype(HALF[policy])
   folder = loading.load_model(tiny_sd1_dir, dtype=policy)
-  convert.convert(tiny_sd1_dir, str(tmp_path / "converted"))
-  converted = loading.load_model(str(tmp_path / "converted"), dtype=policy)
+  converted = loading.load_model(converted_sd1_dir, dtype=policy)
   for model in (loading.load_model("tiny-random", dtype=policy), folder, converted):
     assert model.dtype == policy and model.unet_dtype == half.name
     assert jnp.dtype(model.compute_dtype) == jnp.float32
@@ -245,19 +264,19 @@ def test_mixed_bfloat16_unet_computes_in_bfloat16():
   z = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
   ctx = rng.standard_normal((2, 77, model.configs.unet.cross_attention_dim)).astype(np.float32)
   t = jnp.array([500])
-  half, _ = core.FlaxUNet(model.configs.unet, model.unet_dtype)(model.params.unet, z, t, ctx, None)
+  # Compiled (an eager U-Net dispatches op by op: far slower than compiling it).
+  forward = lambda fn: jit(lambda p, z, t, c: fn(p, z, t, c, None))  # noqa: E731
+  half, _ = forward(core.FlaxUNet(model.configs.unet, model.unet_dtype))(model.params.unet, z, t, ctx)
   # The same (bfloat16-valued) params with float32 activations: what only rounding the params gives.
   params32 = jax.tree.map(lambda x: x.astype(jnp.float32), model.params.unet)
-  full, _ = core.FlaxUNet(model.configs.unet, "float32")(params32, z, t, ctx, None)
+  full, _ = forward(core.FlaxUNet(model.configs.unet, "float32"))(params32, z, t, ctx)
   assert half.dtype == jnp.bfloat16
   half, full = np.asarray(half, np.float32), np.asarray(full)
   err = np.linalg.norm(half - full) / np.linalg.norm(full)
   assert 0 < err < 0.05, err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("policy", sorted(HALF))
-def test_mixed_edit_runs_close_to_float32(policy):
+def _tiny_edit(dtype):
   from lusd_jax import pipeline
   from lusd_jax.lusd.config import LUSDConfig
 
@@ -265,17 +284,27 @@ def test_mixed_edit_runs_close_to_float32(policy):
   # CPU, float16 runs through FlaxUNet's chunked-attention fallback.
   config = LUSDConfig(num_steps=2, lr=1 / 64, threshold=0.0)
   image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-  results = {}
-  for name in ("float32", policy):
-    model = loading.load_model("tiny-random", dtype=name)
-    results[name] = pipeline.edit(
-      model, image, "a photo of a cat", "a photo of a dog", config=config, size=64
-    )
-  full, half = results["float32"], results[policy]
+  model = loading.load_model("tiny-random", dtype=dtype)
+  return model, pipeline.edit(model, image, "a photo of a cat", "a photo of a dog", config=config, size=64)
+
+
+@pytest.fixture(scope="module")
+def float32_edit():
+  """The float32 edit both policies are compared with (run once per module, not once per policy)."""
+  return _tiny_edit("float32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", sorted(HALF))
+def test_mixed_edit_runs_close_to_float32(policy, float32_edit):
+  from lusd_jax import pipeline
+
+  model32, full = float32_edit
+  _, half = _tiny_edit(policy)
   assert np.all(np.isfinite(half.latents)) and np.all(np.isfinite(half.images))
   np.testing.assert_array_equal(half.timesteps, full.timesteps)
   # The VAE is float32 under both policies: the source latent is the same.
-  z_src = pipeline.encode_image(loading.load_model("tiny-random"), full.input_image)
+  z_src = pipeline.encode_image(model32, full.input_image)
   step_full, step_half = full.latents[0] - z_src, half.latents[0] - z_src
   err = np.linalg.norm(step_half - step_full) / np.linalg.norm(step_full)
   assert 0 < err < 0.2, err
