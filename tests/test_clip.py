@@ -15,6 +15,9 @@ from lusd_jax import tokenizer as tokenizer_lib
 from lusd_jax.models import clip as clip_lib
 from tests.builders import perturb_, torch_state_dict
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 # Two text configs: openai/clip-* configs predate transformers PR #24773 and say eos_token_id=2
 # (pooling = argmax of the ids); newer ones name the real end-of-text id (first match).
 TEXT_LEGACY = dict(

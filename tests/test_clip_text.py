@@ -13,6 +13,9 @@ from lusd_jax import weights
 from lusd_jax.models import clip_text
 from tests import builders
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 PROMPTS = [
   "a photo of a cat sitting on a wooden bench",
   # Longer than 77 tokens: truncated to 76 + end-of-text, as SD pipelines do.

@@ -15,6 +15,9 @@ from lusd_jax.models import clip_text, layers
 from lusd_jax.models import dino as dino_lib
 from tests.builders import perturb_, torch_state_dict
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 # Keys missing from a config mean ViTConfig's defaults: TINY leaves layer_norm_eps (1e-12),
 # hidden_act and qkv_bias out, as `save_pretrained` does for facebook/dino-vitb8's values.
 TINY = dict(

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from lusd_jax.lusd import mask as mk
 from tests.lusd_reference import official_mask
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def torch_bicubic(x_HWC: np.ndarray, out_hw) -> np.ndarray:
   t = torch.from_numpy(x_HWC).permute(2, 0, 1)[None]

@@ -22,6 +22,9 @@ from lusd_jax import weights
 from lusd_jax.models import unet
 from tests import builders
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 PARITY_RTOL = 1e-4  # max |jax - torch| <= PARITY_RTOL * max |torch|
 MAPS_ATOL = 1e-5
 

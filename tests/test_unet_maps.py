@@ -22,6 +22,9 @@ from lusd_jax.models import attention, unet
 from tests import builders
 from tests.test_unet import MAPS_ATOL, assert_parity, inputs, make
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 # max |jax grad - torch grad| <= GRAD_RTOL * max |torch grad|, both float32. Both sides round
 # differently in every layer (conv and matmul orders, GroupNorm variance); the maps' gradients go
 # through softmax Jacobians of the whole U-Net above the layer, so the float32 noise grows to ~1e-4.

@@ -22,6 +22,9 @@ from lusd_jax.unifyedit.pipeline import MAX_EDIT_WORDS
 from tests import builders
 from tests import unifyedit_reference as ref
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 # 128 px (a 16x16 latent), T = 3 and B = 1 with the words padded to MAX_EDIT_WORDS: the shapes of
 # `--model tiny-random --size 128 --num-steps 3` (test_evaluation's and test_unifyedit_cli's UnifyEdit
 # runs), so the parity cases run the denoising program those tests compile (persistent cache).

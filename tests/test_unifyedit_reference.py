@@ -16,6 +16,9 @@ from tests import builders
 from tests import unifyedit_reference as ref
 from tests.nti_reference import NullInversion, p2p_scheduler
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 H = 16  # latent size; the image (and mask) is 8H
 T = 4
 

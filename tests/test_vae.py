@@ -14,6 +14,9 @@ from lusd_jax import weights
 from lusd_jax.models import vae
 from tests import builders
 
+# PyTorch references on one thread (tests/conftest.py: shared cores).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def assert_parity(ours, ref, rtol=1e-4):
   """max |ours - ref| <= rtol * max |ref| (the project's parity criterion)."""
