@@ -143,22 +143,33 @@ def read_magicbrush_sessions(src: str | os.PathLike) -> list[MagicBrushTurn]:
   return turns
 
 
-def magicbrush_mask(im: Image.Image) -> np.ndarray:
+def magicbrush_mask(im: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
   """The edit region of a MagicBrush mask image, bool [H, W] (see the module docstring).
+
+  MagicBrush's masks may be of another resolution than their images (its maintainers, in the
+  dataset's issue #10: resize the mask to the image, then binarize): with `size`, the channel read
+  is resized (bilinear) to it before the threshold.
 
   Args:
     im: the mask file, opened.
+    size: (width, height) of the input image, or None to keep the mask's own.
 
   Returns:
     True where the mask marks the edit: alpha < 128 when the image has a not fully opaque alpha
     channel (transparent = edit, DALL-E 2's convention), else every channel >= `WHITE_LEVEL`.
   """
+
+  def at_size(channel: Image.Image) -> np.ndarray:
+    if size is not None and channel.size != tuple(size):
+      channel = channel.resize(tuple(size), Image.BILINEAR)
+    return np.asarray(channel)
+
   if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
-    alpha = np.asarray(im.convert("RGBA").getchannel("A"))
-    if alpha.min() < 255:
-      return alpha < 128
-  rgb = np.asarray(im.convert("RGB"))
-  return np.all(rgb >= WHITE_LEVEL, axis=-1)
+    alpha = im.convert("RGBA").getchannel("A")
+    if np.asarray(alpha).min() < 255:
+      return at_size(alpha) < 128
+  rgb = im.convert("RGB")
+  return np.all(np.stack([at_size(c) for c in rgb.split()], axis=-1) >= WHITE_LEVEL, axis=-1)
 
 
 def _find_image(src: Path, image_id: str, name: str, what: str) -> Path:
@@ -252,7 +263,7 @@ def convert_magicbrush(
 
   Raises:
     InputError: one line naming the input: a missing or malformed json, a missing image or mask, a
-      mask of another size than its input image, a missing global description, an unusable
+      missing global description, an unusable
       prompts CSV, an OUT that exists and is not empty.
 
   Example:
@@ -283,13 +294,9 @@ def convert_magicbrush(
       with Image.open(inp) as im:
         size = im.size
       with Image.open(mask_file) as im:
-        region = magicbrush_mask(im)
+        region = magicbrush_mask(im, size)  # resized to the input's size when it differs
     except OSError as e:
       raise InputError(f"SRC: session {t.image_id} turn {t.turn}: unreadable image ({e})") from None
-    if region.shape != (size[1], size[0]):
-      raise InputError(
-        f"SRC: {mask_file} is {region.shape[1]}x{region.shape[0]} but its input {inp.name} is {size[0]}x{size[1]}"
-      )
     mask_name = ""
     if region.any() and not region.all():
       mask_name = f"{MASKS_DIR}/{Path(t.mask).stem}.png"

@@ -162,6 +162,11 @@ def owner(i: int, n: int, process_count: int) -> int:
   return ((i + 1) * process_count - 1) // n
 
 
+def joined() -> bool:
+  """Whether this process joined others (`initialize`)."""
+  return _joined
+
+
 def end_on_error(code: int) -> None:
   """Ends this process at once with exit status `code` when it joined others (`initialize`).
 

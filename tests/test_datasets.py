@@ -41,10 +41,11 @@ def make_magicbrush(root) -> str:
   rgba = np.dstack([_photo(100), np.full((N, N), 255, np.uint8)])
   rgba[HOLE + (3,)] = 0
   Image.fromarray(rgba, "RGBA").save(src / "images/100/100-mask1.png")
-  # Turn 2: a white region on black, RGB.
+  # Turn 2: a white region on black, RGB, at twice the image's resolution (MagicBrush's masks may be
+  # of another size than their images: resized to the image, then binarized).
   rgb = np.zeros((N, N, 3), np.uint8)
   rgb[RECT] = 255
-  Image.fromarray(rgb).save(src / "images/100/100-mask2.png")
+  Image.fromarray(rgb.repeat(2, 0).repeat(2, 1)).save(src / "images/100/100-mask2.png")
   # Session 200: an all-white mask (the whole image: a global edit).
   Image.fromarray(np.full((N, N, 3), 255, np.uint8)).save(src / "images/200/200-mask1.png")
   sessions = {
@@ -96,9 +97,13 @@ def test_convert_magicbrush_writes_one_row_per_turn(tmp_path):
   want = np.zeros((N, N), np.float32)
   want[HOLE] = 1
   np.testing.assert_array_equal(io.load_mask(out / "masks/100-mask1.png", N, (N, N)), want)
-  want = np.zeros((N, N), np.float32)
-  want[RECT] = 1
-  np.testing.assert_array_equal(io.load_mask(out / "masks/100-mask2.png", N, (N, N)), want)
+  # The 2x mask resized to the image: the rectangle, up to its one-pixel border (bilinear filtering).
+  got = io.load_mask(out / "masks/100-mask2.png", N, (N, N))
+  rows, cols = RECT
+  assert got[rows.start + 1 : rows.stop - 1, cols.start + 1 : cols.stop - 1].all()
+  outside = np.ones((N, N), bool)
+  outside[rows.start - 1 : rows.stop + 1, cols.start - 1 : cols.stop + 1] = False
+  assert not got[outside].any()
   # Both readers accept the folder: `lusd-jax batch`'s and `lusd-jax eval`'s.
   batch_rows = batchdir.read_index(out)
   assert all(r.problem is None and os.path.isfile(r.img_path) for r in batch_rows)

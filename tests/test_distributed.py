@@ -359,3 +359,24 @@ def test_sweep_shares_of_two_processes_equal_one_and_each_writes_its_part(tmp_pa
     assert "nothing to compute" in capsys.readouterr().out
   assert {p: (two / p).stat().st_mtime_ns for p in parts} == stamps
   assert _without_timings(json.loads((two / "sweep.json").read_text())) == _without_timings(a)
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), RuntimeError("RESOURCE_EXHAUSTED: out of memory")])
+def test_a_joined_process_that_crashes_ends_at_once(error, monkeypatch, capsys):
+  """Any exception (not only a user mistake) ends a joined process at once, after its traceback: a
+  normal exit would wait for the others at JAX's shutdown barrier while they wait for it."""
+  ended = []
+  monkeypatch.setattr(distributed, "_joined", True)
+  monkeypatch.setattr(distributed, "end_on_error", ended.append)
+
+  def command(args):
+    raise error
+
+  with pytest.raises(type(error)):
+    cli.run_command(command, None)
+  assert ended == [1] and str(error) in capsys.readouterr().err
+  monkeypatch.setattr(distributed, "_joined", False)  # alone: the exception propagates, nothing ends
+  ended.clear()
+  with pytest.raises(type(error)):
+    cli.run_command(command, None)
+  assert ended == [] and capsys.readouterr().err == ""

@@ -15,6 +15,7 @@ from skimage import data
 
 from lusd_jax import cli, loading
 from lusd_jax import evaluation as ev
+from lusd_jax.evaluation import dataset
 from lusd_jax.io import InputError
 from lusd_jax.models import clip as clip_lib
 
@@ -758,3 +759,29 @@ def test_unknown_protocol_is_an_input_error(bench, tmp_path, model_loads, capsys
   with pytest.raises(SystemExit) as exit_:
     cli.main(["eval", "--results", bench["nothing"], "--dataset", bench["dataset"], "--protocol", "dino"])
   assert exit_.value.code == 2 and "--protocol" in capsys.readouterr().err
+
+
+def test_a_png_with_damaged_pixel_data_is_unreadable(tmp_path):
+  """A PNG whose compressed pixels are damaged but whose chunk checksums are right (PIL's `verify`
+  passes it) is a failed edit, not a crash when it is scored."""
+  import io
+  import struct
+  import zlib
+
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+  png, out, pos = buf.getvalue(), bytearray(), 8
+  out += png[:8]
+  while pos < len(png):
+    (length,) = struct.unpack(">I", png[pos : pos + 4])
+    kind, data = png[pos + 4 : pos + 8], bytearray(png[pos + 8 : pos + 8 + length])
+    if kind == b"IDAT":
+      data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)  # zero the second half of the stream
+    out += struct.pack(">I", length) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    pos += 12 + length
+  bad, good = tmp_path / "bad.png", tmp_path / "good.png"
+  bad.write_bytes(bytes(out))
+  good.write_bytes(png)
+  with Image.open(bad) as im:
+    im.verify()  # the checksums are right: verify cannot tell
+  assert dataset.readable(str(good)) and not dataset.readable(str(bad))

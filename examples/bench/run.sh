@@ -35,9 +35,9 @@ if [[ "$MODEL" == "tiny-random" ]]; then
 fi
 
 set -x
-"${CLI[@]}" batch --method lusd --model "$MODEL" --input-dir "$HERE" --output-dir "$OUT/lusd" "${LUSD_FLAGS[@]}"
+"${CLI[@]}" batch --method lusd --model "$MODEL" --input-dir "$HERE" --output-dir "$OUT/lusd" ${LUSD_FLAGS[@]+"${LUSD_FLAGS[@]}"}
 "${CLI[@]}" batch --method unifyedit --model "$MODEL" --input-dir "$HERE" --output-dir "$OUT/unifyedit" \
-  "${UNIFY_FLAGS[@]}"
+  ${UNIFY_FLAGS[@]+"${UNIFY_FLAGS[@]}"}
 # Both protocols over both folders: tables per edit type, the Fig. 7 scatter, report.md.
 "${CLI[@]}" eval --dataset "$HERE" --results "$OUT/lusd" "$OUT/unifyedit" --protocol all --out "$OUT/eval" \
-  "${EVAL_FLAGS[@]}"
+  ${EVAL_FLAGS[@]+"${EVAL_FLAGS[@]}"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from lusd_jax.cli.args import (
@@ -108,23 +109,40 @@ def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Nam
   """
   from lusd_jax import distributed
 
+  debug = bool(os.environ.get("LUSD_JAX_DEBUG"))
   try:
     return command(args)
   except ValueError as e:  # io.InputError, loading.ModelLoadError, clip.CLIPLoadError are ValueErrors
-    if os.environ.get("LUSD_JAX_DEBUG"):
+    if debug:
+      _end_distributed_with_traceback(1)
       raise
     print(f"error: {e}", file=sys.stderr)
     code = EXIT_USAGE
   except FloatingPointError as e:  # core.NonFiniteError: the run diverged; no usage error
-    if os.environ.get("LUSD_JAX_DEBUG"):
+    if debug:
+      _end_distributed_with_traceback(1)
       raise
     print(f"error: {e} (try a smaller --lr or --dtype float32)", file=sys.stderr)
     code = 1
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     code = 130
-  distributed.end_on_error(code)  # `batch --distributed`: no waiting for the other processes
+  except BaseException:  # anything else (OSError writing a file, out of memory): a traceback
+    _end_distributed_with_traceback(1)
+    raise
+  distributed.end_on_error(code)  # `--distributed`: no waiting for the other processes
   return code
+
+
+def _end_distributed_with_traceback(code: int) -> None:
+  """In a `--distributed` run, prints the exception being handled and ends the process at once
+  (`distributed.end_on_error`: a normal exit would wait for the others, which wait for this one, at
+  JAX's shutdown barrier); otherwise does nothing, and the caller re-raises."""
+  from lusd_jax import distributed
+
+  if distributed.joined():
+    traceback.print_exc()
+    distributed.end_on_error(code)
 
 
 def sweep_command(args: argparse.Namespace) -> int:

@@ -411,10 +411,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
       share = shares.get(row.row)
       if share is None or not (share.split and share.owner) or row.problem:
         continue
+      if any(r == row.row for r, _ in failures):  # this process's own seeds of it failed: said once
+        continue
       if batchdir.row_is_done(out_dir, row.row, seeds, snapshots):
         continue
       finished = batchdir.finished_seed_records(out_dir, row.row, seeds, snapshots)
-      missing = [s for s in seeds if s not in finished]
+      missing = [s for s in seeds if s not in finished and s not in share.seeds]
       if missing:
         fail(
           row.row,

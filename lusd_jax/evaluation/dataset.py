@@ -175,10 +175,14 @@ def select_results(found: Mapping[int, Mapping[int, str]], num_rows: int, seed: 
 
 
 def readable(path: str) -> bool:
-  """Whether PIL can open and verify `path` (a truncated or non-image file is a failed edit)."""
+  """Whether PIL can open and decode `path` (a truncated, corrupt or non-image file is a failed edit).
+
+  Decodes the pixels (`load`): `verify` checks a PNG's chunk checksums only, so a PNG whose
+  compressed data is damaged would pass it and fail later, when scored.
+  """
   try:
     with Image.open(path) as im:
-      im.verify()
+      im.load()
     return True
   except Exception:  # noqa: BLE001 - truncated or not an image: the edit failed
     return False
